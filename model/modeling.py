@@ -1,0 +1,350 @@
+"""The MeSH recursive transformer (arXiv 2510.07739) on GPT-NeoX (Pythia) blocks, in one file.
+
+    h_emb = embed(ids) [* sqrt(d)]
+    h_pre = prelude(h_emb)                       # P unshared layers
+    state = start(h_emb, h_pre)                  # state.h is h^(0)
+    for t in range(K):                           # K = loops of THIS call, 1 <= K <= max_loops
+        h_m   = core(state.h)                    # C shared layers
+        state = step(t, state, h_m)              # the scheme sees h^(t), h_m and its own memory
+    logits = head(ln_f(coda(state.h)))           # D unshared layers
+
+Schemes: base h' = core(h); residual h' = core(h) + h; anchor h' = core(h) + h^(0);
+anchor_emb h' = core(h) + h_emb; mesh: a per-token buffer of B slots with step-wise write/read
+routers (see `Recurrence`). The vanilla model is the prelude alone.
+
+Positions are explicit (``position_ids``) and the KV cache is an object with
+``update(k, v, layer_idx, cache_kwargs)`` (see cache.py): HF ``generate()``, the eval loop and the
+server's batched pool all go through this one forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import MeshCache, kv_bytes_per_token, virtual_layer
+from .config import MeshConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (GPT-NeoX: partial rotary on the first rotary_pct of each head)
+# ---------------------------------------------------------------------------------------------
+def rotary_cos_sin(config: MeshConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    rd = config.rotary_ndims
+    inv_freq = 1.0 / (config.rotary_emb_base ** (torch.arange(0, rd, 2, device=position_ids.device).float() / rd))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, rd): broadcast over heads
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rd = cos.shape[-1]
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-NeoX block. Parameter names match Hugging Face's GPTNeoXLayer so conversion is a rename.
+# ---------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, config: MeshConfig):
+        super().__init__()
+        self.n_head, self.head_size = config.num_attention_heads, config.head_size
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.dense.is_residual_projection = True  # depth-scaled init
+
+    def forward(self, x, cos, sin, mask, cache, layer_idx, cache_kwargs):
+        B, T, C = x.shape
+        # NeoX packs q, k, v per head: (B, T, nh, 3*hs)
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx, cache_kwargs)  # (B, nh, S, hs): past + current
+        if mask is None:
+            # No padding: plain causal attention (flash/efficient kernels), or a single query seeing all of S.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MeshConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_4h_to_h.is_residual_projection = True
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class MeshLayer(nn.Module):
+    def __init__(self, config: MeshConfig):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, mask, cache, layer_idx, cache_kwargs):
+        a = self.attention(self.input_layernorm(h), cos, sin, mask, cache, layer_idx, cache_kwargs)
+        if self.use_parallel_residual:  # Pythia: x + attn(ln1(x)) + mlp(ln2(x))
+            return h + a + self.mlp(self.post_attention_layernorm(h))
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# The recurrence schemes. State is a dict of (B, T, ...) tensors so a batch can be cut to its
+# first n rows (rows of a mixed-depth batch are sorted by depth, deepest first).
+# ---------------------------------------------------------------------------------------------
+class Recurrence(nn.Module):
+    def __init__(self, config: MeshConfig):
+        super().__init__()
+        self.scheme = config.scheme
+        if self.scheme == "mesh":
+            # Router pair 0 is the transitional write-read cycle; core step t uses pair t + 1.
+            # All max_loops + 1 pairs exist whatever K a call uses.
+            n_pairs, d, s = config.max_loops + 1, config.hidden_size, config.mesh_slots
+            self.write_routers = nn.ModuleList(nn.Linear(d, s) for _ in range(n_pairs))
+            self.read_routers = nn.ModuleList(nn.Linear(d, s) for _ in range(n_pairs))
+
+    def _write_read(self, pair: int, mem: torch.Tensor, h_router: torch.Tensor, h_write: torch.Tensor):
+        w_w = F.softmax(self.write_routers[pair](h_router), dim=-1)  # (B, T, S)
+        w_r = F.softmax(self.read_routers[pair](h_router), dim=-1)  # (B, T, S)
+        mem = mem + w_w.unsqueeze(-1) * h_write.unsqueeze(-2)  # (B, T, S, D): m_b += h * w_w,b
+        h = (w_r.unsqueeze(-2) @ mem).squeeze(-2)  # (B, T, 1, S) @ (B, T, S, D) -> (B, T, D)
+        return mem, h
+
+    def start(self, h_emb: torch.Tensor, h_pre: torch.Tensor) -> dict:
+        if self.scheme == "mesh":
+            B, T, D = h_emb.shape
+            mem = h_emb.new_zeros(B, T, self.write_routers[0].out_features, D)  # (B, T, S, D)
+            mem[:, :, 0] = h_emb  # m_0 = h_emb, other slots 0
+            mem, h = self._write_read(0, mem, h_pre, h_pre)
+            return {"h": h, "mem": mem}
+        if self.scheme == "anchor":
+            return {"h": h_pre, "anchor": h_pre}
+        if self.scheme == "anchor_emb":
+            return {"h": h_pre, "anchor": h_emb}
+        return {"h": h_pre}
+
+    def step(self, t: int, state: dict, h_m: torch.Tensor) -> dict:
+        if self.scheme == "mesh":
+            mem, h = self._write_read(t + 1, state["mem"], state["h"], h_m)
+            return {"h": h, "mem": mem}
+        if self.scheme == "residual":
+            return {"h": h_m + state["h"]}
+        if self.scheme in ("anchor", "anchor_emb"):
+            return {"h": h_m + state["anchor"], "anchor": state["anchor"]}
+        return {"h": h_m}  # base
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class MeshPreTrainedModel(PreTrainedModel):
+    config_class = MeshConfig
+    config: MeshConfig
+    base_model_prefix = "mesh"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MeshLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if getattr(module, "is_residual_projection", False):
+            # The paper's depth-aware init: std / sqrt(2 * N_compute), N_compute = P + K*C + D at the default depth.
+            n_compute = self.config.num_layer_applications()
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * n_compute))
+
+
+def _loops_per_row(config: MeshConfig, loops, batch: int):
+    """Returns (K, per-row depths or None). A per-row list must be sorted deepest first."""
+    if loops is None:
+        return config.default_loops, None
+    if isinstance(loops, int) and not isinstance(loops, bool):
+        return config.check_loops(loops), None
+    rows = [int(k) for k in (loops.tolist() if torch.is_tensor(loops) else loops)]
+    if len(rows) != batch:
+        raise ValueError(f"per-row loops has {len(rows)} entries for a batch of {batch}")
+    for k in rows:
+        config.check_loops(k)
+    if any(a < b for a, b in zip(rows, rows[1:])):
+        raise ValueError("per-row loops must be sorted deepest first (non-increasing)")
+    return rows[0], rows
+
+
+class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
+    def __init__(self, config: MeshConfig):
+        super().__init__(config)
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.prelude = nn.ModuleList(MeshLayer(config) for _ in range(config.n_prelude))
+        self.core = nn.ModuleList(MeshLayer(config) for _ in range(config.n_core))
+        self.coda = nn.ModuleList(MeshLayer(config) for _ in range(config.n_coda))
+        self.recurrence = Recurrence(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_in
+
+    def set_input_embeddings(self, value):
+        self.embed_in = value
+
+    def get_output_embeddings(self):
+        return self.embed_out
+
+    def set_output_embeddings(self, value):
+        self.embed_out = value
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Pythia convention: ``exclude_embeddings`` drops the input embedding and the (untied) output embedding."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(self.embed_in.weight), id(self.embed_out.weight)}
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in skip or id(p) in seen or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def kv_bytes_per_token(self, loops: int | None = None, dtype: torch.dtype | None = None) -> int:
+        return kv_bytes_per_token(self.config, loops, dtype or self.dtype)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _attention_mask(self, attention_mask, B, T, past, device):
+        """Bool (B, 1, T, S) mask (True = attend), or None when plain causal attention is exact."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask  # prepared by the caller (the server's pool)
+        S = past + T
+        if attention_mask is None or bool(attention_mask.all()):
+            if past == 0 or T == 1:
+                return None  # is_causal / attend-to-all
+            key_valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.shape[-1] != S:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {S}")
+            key_valid = attention_mask.bool()
+        q_pos = torch.arange(past, S, device=device)  # (T,)
+        k_pos = torch.arange(S, device=device)  # (S,)
+        causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+        # A padding query still sees itself, so no row is fully masked (that would give NaN, and NaN
+        # values times zero weights would leak into real rows of later layers).
+        own = k_pos[None, :] == q_pos[:, None]
+        return (key_valid[:, None, None, :] & causal) | own  # (B, 1, T, S)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MeshCache | None = None,
+        use_cache: bool | None = None,
+        loops=None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)  # the pre-5.x name
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        cfg = self.config
+        B, T = input_ids.shape
+        K, row_loops = _loops_per_row(cfg, loops, B)
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training and row_loops is None:
+            cache = MeshCache(cfg, K)
+        if isinstance(cache, MeshCache):
+            if row_loops is not None:
+                raise ValueError("MeshCache holds one depth; per-row loops need a pool cache (see server/)")
+            if cache.loops != K:
+                raise ValueError(f"this cache was built for loops={cache.loops}, the call asks loops={K}")
+        past = cache_position if cache_position is not None else (cache.get_seq_length() if cache is not None else 0)
+
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+
+        h_emb = self.embed_in(input_ids)  # (B, T, D)
+        if cfg.scale_embeddings:
+            h_emb = h_emb * math.sqrt(cfg.hidden_size)
+        cos, sin = rotary_cos_sin(cfg, position_ids, h_emb.dtype)  # (B, 1, T, rd)
+        mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
+
+        def run(layers, h, stage, t=0):
+            n = h.shape[0]  # the rows of this stage (a prefix of the batch)
+            m = None if mask is None else mask[:n]
+            for j, layer in enumerate(layers):
+                kw = {"cache_position": past, "stage": stage, "index": j, "iteration": t, "rows": n}
+                h = layer(h, cos[:n], sin[:n], m, cache, virtual_layer(cfg, stage, j, t, K), kw)
+            return h
+
+        h_pre = run(self.prelude, h_emb, "prelude")
+        hidden = [h_emb]
+        if cfg.is_recursive:
+            state = self.recurrence.start(h_emb, h_pre)
+            hidden.append(state["h"])
+            for t in range(K):
+                n = B if row_loops is None else sum(k > t for k in row_loops)
+                sub = state if n == B else {name: v[:n] for name, v in state.items()}
+                sub = self.recurrence.step(t, sub, run(self.core, sub["h"], "core", t))
+                state = sub if n == B else {name: torch.cat((v, state[name][n:])) for name, v in sub.items()}
+                hidden.append(state["h"])
+            h = state["h"]
+        else:
+            h = h_pre
+            hidden.append(h)
+        h = run(self.coda, h, "coda")
+        hidden.append(h)
+
+        h = self.final_layer_norm(h)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.embed_out(h)  # (B, T or logits_to_keep, V)
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+        )
+
+    # ---- generate() integration -------------------------------------------------------------
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        # One slot per layer application at this call's depth, preallocated to the generation length.
+        model_kwargs["cache"] = MeshCache(self.config, model_kwargs.get("loops"), max_cache_len=max_cache_length)
