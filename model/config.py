@@ -31,6 +31,8 @@ class MeshConfig(PretrainedConfig):
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     attention_bias: bool = True
+    hidden_dropout: float = 0.0  # on attention and MLP outputs (GPT-NeoX names); training only
+    attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
     use_cache: bool = True
     bos_token_id: int | None = 0

@@ -62,6 +62,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
         self.dense.is_residual_projection = True  # depth-scaled init
+        self.dropout = config.attention_dropout
 
     def forward(self, x, cos, sin, mask, cache, layer_idx, cache_kwargs):
         B, T, C = x.shape
@@ -71,11 +72,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, layer_idx, cache_kwargs)  # (B, nh, S, hs): past + current
+        p = self.dropout if self.training else 0.0
         if mask is None:
             # No padding: plain causal attention (flash/efficient kernels), or a single query seeing all of S.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.dense(y)
 
@@ -100,13 +102,14 @@ class MeshLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = Attention(config)
         self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.hidden_dropout)
 
     def forward(self, h, cos, sin, mask, cache, layer_idx, cache_kwargs):
-        a = self.attention(self.input_layernorm(h), cos, sin, mask, cache, layer_idx, cache_kwargs)
+        a = self.drop(self.attention(self.input_layernorm(h), cos, sin, mask, cache, layer_idx, cache_kwargs))
         if self.use_parallel_residual:  # Pythia: x + attn(ln1(x)) + mlp(ln2(x))
-            return h + a + self.mlp(self.post_attention_layernorm(h))
+            return h + a + self.drop(self.mlp(self.post_attention_layernorm(h)))
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.drop(self.mlp(self.post_attention_layernorm(h)))
 
 
 # ---------------------------------------------------------------------------------------------
