@@ -181,9 +181,13 @@ def _loops_per_row(config: MeshConfig, loops, batch: int):
     """Returns (K, per-row depths or None). A per-row list must be sorted deepest first."""
     if loops is None:
         return config.default_loops, None
-    if isinstance(loops, int) and not isinstance(loops, bool):
-        return config.check_loops(loops), None
-    rows = [int(k) for k in (loops.tolist() if torch.is_tensor(loops) else loops)]
+    if torch.is_tensor(loops) and loops.dim() == 0:
+        loops = loops.item()
+    if not isinstance(loops, (list, tuple)) and not torch.is_tensor(loops):
+        return config.check_loops(loops), None  # an int, or a clear error naming the range
+    if torch.is_tensor(loops) and (loops.dim() != 1 or loops.is_floating_point()):
+        raise ValueError(f"per-row loops must be a 1D integer tensor, got shape {tuple(loops.shape)} {loops.dtype}")
+    rows = loops.tolist() if torch.is_tensor(loops) else list(loops)
     if len(rows) != batch:
         raise ValueError(f"per-row loops has {len(rows)} entries for a batch of {batch}")
     for k in rows:
@@ -287,6 +291,13 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
             if cache.loops != K:
                 raise ValueError(f"this cache was built for loops={cache.loops}, the call asks loops={K}")
         past = cache_position if cache_position is not None else (cache.get_seq_length() if cache is not None else 0)
+        if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (B, past + T):
+            # Checked here, not only when there is padding: positions are derived from this mask, and a
+            # mask over the new tokens alone would silently restart them at 0.
+            raise ValueError(
+                f"a 2D attention_mask covers past + new tokens: expected shape {(B, past + T)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
 
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
