@@ -198,6 +198,9 @@ def _loops_per_row(config: MeshConfig, loops, batch: int):
 
 
 class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
+    # Only used when config.tie_word_embeddings is True (e.g. a converted tied GPT-NeoX); off by default.
+    _tied_weights_keys = {"embed_out.weight": "embed_in.weight"}
+
     def __init__(self, config: MeshConfig):
         super().__init__(config)
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)

@@ -144,3 +144,18 @@ def test_cli_help_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "needs a vanilla layout" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_tied_embeddings_convert_and_stay_tied(tmp_path):
+    neox = random_neox(True, 0.25, tie_word_embeddings=True)
+    assert neox.lm_head.weight is neox.gpt_neox.embed_in.weight
+    mesh = from_gpt_neox(neox)
+    assert mesh.embed_out.weight is mesh.embed_in.weight
+    ids = ids_and_mask()[0]
+    with torch.no_grad():
+        assert (mesh(ids).logits - neox(ids).logits).abs().max() <= 1e-4
+    mesh.save_pretrained(tmp_path)
+    loaded = MeshForCausalLM.from_pretrained(tmp_path)
+    assert loaded.embed_out.weight is loaded.embed_in.weight
+    back = to_gpt_neox(loaded)
+    assert back.lm_head.weight is back.gpt_neox.embed_in.weight
