@@ -18,6 +18,7 @@ of our blocks: the converted model's logits match Hugging Face's implementation.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -177,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     source = args.from_gpt_neox or args.to_gpt_neox
     if not (source / "config.json").is_file():
         parser.error(f"{source} is not a checkpoint directory (no config.json)")
+    # Checked up front: from_pretrained would load a mismatched checkpoint with randomly initialised weights.
+    want = "gpt_neox" if args.from_gpt_neox else "mesh"
+    try:
+        found = json.loads((source / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot read {source / 'config.json'}: {exc}")
+    if found != want:
+        parser.error(f"{source} holds a {found!r} checkpoint; this direction reads model_type {want!r}")
     try:
         if args.from_gpt_neox:
             converted = from_gpt_neox(GPTNeoXForCausalLM.from_pretrained(source))

@@ -137,6 +137,10 @@ def test_cli_help_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--from-gpt-neox", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and "no config.json" in capsys.readouterr().err
+    random_neox(True, 0.25).save_pretrained(tmp_path / "neox")
+    with pytest.raises(SystemExit) as exc:  # the wrong direction for this checkpoint
+        main(["--to-gpt-neox", str(tmp_path / "neox"), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "holds a 'gpt_neox' checkpoint" in capsys.readouterr().err
     cfg = MeshConfig.from_layout("1+1R2+1", scheme="mesh", hidden_size=32, num_attention_heads=4, vocab_size=VOCAB)
     MeshForCausalLM(cfg).save_pretrained(tmp_path / "rec")
     with pytest.raises(SystemExit) as exc:
