@@ -1,0 +1,102 @@
+"""``python -m server``: serve a MeSH checkpoint over an OpenAI-compatible HTTP API.
+
+Every flag can also be set with an environment variable (MESH_ + the flag's name in capitals, dashes
+as underscores, e.g. MESH_KV_CACHE_MB=512); a flag on the command line wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+FLAGS = [
+    # (flag, type, default, help)
+    ("--model", str, None, "checkpoint directory (config.json, weights, tokenizer.json); default: the model "
+                           "embedded in the package (model/default)"),
+    ("--host", str, "127.0.0.1", "interface to listen on (0.0.0.0 for every interface)"),
+    ("--port", int, 8000, "TCP port"),
+    ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N"),
+    ("--dtype", str, "auto", "weights and KV cache: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"),
+    ("--max-batch-size", int, 64, "most sequences decoded together in one step"),
+    ("--kv-cache-mb", float, 1024.0, "KV cache budget in MiB: a request is admitted when its "
+                                      "kv_bytes_per_token(loops) * (prompt + max_tokens) fits in what is left"),
+    ("--max-waiting", int, 128, "most sequences waiting for admission; past it requests get 429 with Retry-After"),
+    ("--max-model-len", int, None, "longest prompt + max_tokens accepted; default the model's max_position_embeddings"),
+    ("--max-num-batched-tokens", int, None, "padded prompt tokens per prefill step; default max(2048, max-model-len)"),
+    ("--served-model-name", str, None, "the model name clients send; default the model directory's name"),
+    ("--log-level", str, "info", "debug, info, warning or error"),
+]
+CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--log-level": ("debug", "info", "warning", "error")}
+
+
+def env_name(flag: str) -> str:
+    return "MESH_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a MeSH model with an OpenAI-compatible API (POST /v1/completions with the extra "
+                    "field `loops`, the recursion depth of each request; /v1/models, /health, /metrics, "
+                    "/tokenize, /detokenize).",
+        epilog="Each flag can be set by an environment variable, shown in brackets; the flag wins. "
+               "Example: python -m server --port 8000 --kv-cache-mb 512",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for flag, type_, default, help_ in FLAGS:
+        parser.add_argument(flag, type=type_, default=default, choices=CHOICES.get(flag),
+                            help=f"{help_} [{env_name(flag)}]")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    for flag, type_, _, _ in FLAGS:  # environment variables become defaults, so flags override them
+        raw = os.environ.get(env_name(flag), "").strip()
+        if raw:
+            try:
+                value = type_(raw)
+            except ValueError:
+                parser.error(f"{env_name(flag)}={raw!r} is not a valid {type_.__name__}")
+            if flag in CHOICES and value not in CHOICES[flag]:
+                parser.error(f"{env_name(flag)}={raw!r} must be one of {', '.join(CHOICES[flag])}")
+            parser.set_defaults(**{flag.lstrip("-").replace("-", "_"): value})
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Heavy imports after argument parsing: --help and argument errors stay instant.
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine, EngineConfig
+
+    try:
+        config = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+            kv_cache_mb=args.kv_cache_mb, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens, served_model_name=args.served_model_name,
+        )
+        engine = Engine(config)
+    except (ValueError, OSError) as e:
+        print(f"python -m server: error: {e}", file=sys.stderr)
+        return 2
+    cfg = engine.model.config
+    logging.getLogger("server").info(
+        "serving %s (%s, scheme %s, loops 1..%d, default %d) on %s, %s, max_model_len %d, KV budget %.0f MiB, at http://%s:%d",
+        engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device,
+        str(engine.dtype).replace("torch.", ""), engine.max_model_len, config.kv_cache_mb, args.host, args.port,
+    )
+    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

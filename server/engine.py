@@ -1,0 +1,485 @@
+"""The engine: model + tokenizer + KV pool + scheduler + runner, stepped in a background thread.
+
+Two ways to drive it:
+
+    engine = Engine(EngineConfig(model="model/default"))
+    # synchronous, in this thread (tests, benchmarks):
+    out = engine.generate([[1, 2, 3]] * 32, SamplingParams(temperature=0, max_tokens=256), loops=2)
+    # serving: a thread runs steps; each request gets an asyncio queue of StepOutputs
+    engine.start()
+    handle = engine.submit([ids], params, loops=2)        # inside a running event loop
+    async for out in handle: ...                           # handle.abort() frees its rows at once
+
+Requests join and leave between steps. add_request / abort only append to thread-safe queues that
+the engine thread drains at the start of each step, so the asyncio side never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import model as mesh_model
+from model import MeshForCausalLM
+
+from .detokenizer import Detokenizer
+from .kv_pool import KVPool
+from .metrics import Metrics
+from .model_runner import ModelRunner
+from .sampling import BatchSampling, SamplingParams, sample, token_logprobs
+from .scheduler import Scheduler
+from .sequence import Sequence, Status, StepOutput
+
+log = logging.getLogger("server.engine")
+
+DEFAULT_MODEL = Path(mesh_model.__file__).resolve().parent / "default"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request the engine can never run (bad prompt, depth, length); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: retry later (HTTP 429)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped (HTTP 503)."""
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path | None = None  # a directory with config.json, weights and tokenizer.json; None = embedded default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    max_batch_size: int = 64  # running sequences per step
+    kv_cache_mb: float = 1024.0  # KV byte budget for admission
+    max_waiting: int = 128  # waiting sequences before 429
+    max_model_len: int | None = None  # prompt + max_tokens; default the model's max_position_embeddings
+    max_num_batched_tokens: int | None = None  # padded prompt tokens per prefill step; default max(2048, max_model_len)
+    served_model_name: str | None = None  # the `model` name clients use; default the directory name
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_waiting"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.kv_cache_mb > 0:
+            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load(path: str | Path, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from a checkpoint directory, with one-line errors for what is missing."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model directory {path} does not exist")
+    for name in ("config.json", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise ValueError(f"{path} has no {name} (expected a checkpoint saved with save_pretrained plus its tokenizer)")
+    model = MeshForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return model, tokenizer
+
+
+class RequestHandle:
+    """One HTTP request's sequences and the asyncio queue their outputs arrive on (in the event loop's thread)."""
+
+    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop):
+        self.engine, self.loop = engine, loop
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.seqs: list[Sequence] = []
+        self.unfinished = 0
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Frees this request's rows at the next step boundary (client gone, error elsewhere)."""
+        if not self.aborted and self.unfinished:
+            self.aborted = True
+            self.engine.abort(self.seqs)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.unfinished == 0:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if out.finished:
+            self.unfinished -= 1
+        return out
+
+
+@dataclass
+class Completion:
+    """What `Engine.generate` returns per sequence."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    loops: int
+    logprobs: list | None = field(default=None, repr=False)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, *, model: MeshForCausalLM | None = None, tokenizer=None,
+                 metrics: Metrics | None | bool = True):
+        """Loads `config.model` unless `model` and `tokenizer` are given. ``metrics=False``: no Prometheus hooks."""
+        self.config = config = config or EngineConfig()
+        self.device = resolve_device(config.device) if model is None else next(model.parameters()).device
+        if model is None:
+            self.dtype = resolve_dtype(config.dtype, self.device)
+            path = Path(config.model) if config.model is not None else DEFAULT_MODEL
+            model, tokenizer = load(path, self.device, self.dtype)
+            self.model_path = path
+        else:
+            if tokenizer is None:
+                raise ValueError("a tokenizer is needed along with the model")
+            self.dtype, self.model_path = next(model.parameters()).dtype, None
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.config
+        self.model_name = config.served_model_name or (self.model_path.name if self.model_path else "mesh")
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
+        self._backend = tokenizer.backend_tokenizer
+
+        self.pool = KVPool(cfg, int(config.kv_cache_mb * 2**20), config.max_batch_size, self.max_model_len, self.dtype, self.device)
+        self.scheduler = Scheduler(self.pool, config.max_num_batched_tokens or max(2048, self.max_model_len))
+        self.runner = ModelRunner(model, self.pool)
+        self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
+        if self.metrics is not None:
+            self.metrics.bind(self)
+
+        self._inbox: deque[Sequence] = deque()  # added by any thread, drained by the engine thread
+        self._aborts: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self.num_waiting = 0  # sequences submitted and not yet admitted (the 429 bound counts these)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None  # why the engine thread died, if it did
+        self._sampling_key: tuple = ()
+        self._sampling: BatchSampling | None = None
+
+    # ---- tokens <-> text ----------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens dropped (the same function streams and echoes use)."""
+        return self._backend.decode(ids, skip_special_tokens=True)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def check_request(self, prompts: list[list[int]], params: SamplingParams, loops: int | None) -> int:
+        """Validates a request against this model and budget; returns the depth. Raises RequestError."""
+        cfg = self.model.config
+        loops = cfg.default_loops if loops is None else loops
+        try:
+            cfg.check_loops(loops)
+        except ValueError as e:
+            raise RequestError(str(e), "loops") from None
+        need = self.pool.bytes_per_token(loops)
+        for ids in prompts:
+            if not ids:
+                raise RequestError("the prompt is empty: give at least one token", "prompt")
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+            if len(ids) > self.max_model_len:
+                raise RequestError(f"the prompt has {len(ids)} tokens, more than max_model_len={self.max_model_len}", "prompt")
+            total = len(ids) + params.max_tokens
+            if total > self.max_model_len:
+                raise RequestError(
+                    f"this model's maximum context length is {self.max_model_len} tokens, but {total} were requested "
+                    f"({len(ids)} in the prompt, {params.max_tokens} in max_tokens): reduce the prompt or max_tokens",
+                    "max_tokens",
+                )
+            if need * total > self.pool.budget:
+                raise RequestError(
+                    f"{total} tokens at loops={loops} need {need * total / 2**20:.1f} MiB of KV cache, more than the "
+                    f"whole budget ({self.pool.budget / 2**20:.1f} MiB, --kv-cache-mb): use fewer tokens or a smaller loops",
+                    "max_tokens",
+                )
+        return loops
+
+    def add_request(self, prompts: list[list[int]], params: SamplingParams, loops: int | None = None, n: int = 1,
+                    request_id: str | None = None, sink=None) -> list[Sequence]:
+        """Queues n sequences per prompt (choice index = prompt * n + i). Thread-safe.
+
+        Raises RequestError (never runnable), QueueFull (retry later) or EngineDead.
+        """
+        if self.error is not None or self._stopping:
+            raise EngineDead("the engine has stopped")
+        loops = self.check_request(prompts, params, loops)
+        request_id = request_id or uuid.uuid4().hex
+        seqs = []
+        for p, ids in enumerate(prompts):
+            for i in range(n):
+                detok = Detokenizer(self.decode, ids, params.stop) if params.detokenize else None
+                seqs.append(Sequence(ids, params, loops, request_id=request_id, index=p * n + i,
+                                     generator=params.generator(self.device, offset=i), sink=sink, detok=detok))
+        with self._lock:
+            if self.num_waiting + len(seqs) > self.config.max_waiting:
+                raise QueueFull(f"the waiting queue is full ({self.num_waiting} of {self.config.max_waiting} places taken)")
+            self.num_waiting += len(seqs)
+            self._inbox.extend(seqs)
+        if self.metrics is not None:
+            self.metrics.loops.observe(loops)
+        self._wake.set()
+        return seqs
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, loops: int | None = None, n: int = 1,
+               request_id: str | None = None) -> RequestHandle:
+        """add_request for the asyncio side: outputs arrive on the handle's queue. Call inside the event loop."""
+        handle = RequestHandle(self, asyncio.get_running_loop())
+        handle.seqs = self.add_request(prompts, params, loops, n, request_id, sink=handle)
+        handle.unfinished = len(handle.seqs)
+        return handle
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Ends these sequences at the next step boundary, freeing their rows. Thread-safe."""
+        self._aborts.extend(seqs)
+        self._wake.set()
+
+    # ---- one step -----------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_work())
+
+    def _drain(self) -> list[StepOutput]:
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+        outputs = []
+        while self._aborts:
+            seq = self._aborts.popleft()
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, "abort")
+                outputs.append(StepOutput(seq, [], "", None, "abort"))
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.WAITING:
+            with self._lock:
+                self.num_waiting -= 1
+        self.scheduler.finish(seq, reason)
+        if self.metrics is not None and reason in ("stop", "length"):
+            self.metrics.e2e.observe(time.perf_counter() - seq.arrival)
+
+    @torch.inference_mode()  # pool buffers are inference tensors: every change to them happens in this mode
+    def step(self) -> list[StepOutput]:
+        """Admits, then runs one prefill or decode step; returns what each touched sequence got."""
+        outputs = self._drain()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs
+        kind, seqs = batch
+        try:
+            if kind == "prefill":
+                with self._lock:
+                    self.num_waiting -= len(seqs)
+                if self.metrics is not None:
+                    for s in seqs:
+                        self.metrics.queue_time.observe(s.admitted_at - s.arrival)
+                logits, prompt_logits = self.runner.prefill(seqs)
+                for s in seqs:
+                    s.num_cached = len(s.prompt_ids)
+                if prompt_logits is not None:
+                    self._prompt_logprobs(seqs, prompt_logits)
+            else:
+                logits = self.runner.decode(seqs)
+                for s in seqs:
+                    s.num_cached += 1
+            outputs += self._sample_and_emit(seqs, logits)
+        except Exception as e:  # fail this step's sequences, keep serving the others
+            log.exception("engine step failed (%s of %d sequences)", kind, len(seqs))
+            for s in seqs:
+                if s.status is not Status.FINISHED:
+                    self._finish(s, "error")
+                    outputs.append(StepOutput(s, [], "", None, "error", error=f"{type(e).__name__}: {e}"))
+        return outputs
+
+    def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
+        key = tuple(s.id for s in seqs)
+        if key != self._sampling_key:  # rebuilt only when the batch changes
+            self._sampling_key = key
+            self._sampling = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.vocab_size, self.device)
+        return self._sampling
+
+    @torch.inference_mode()
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        tokens_t = sample(logits, self._batch_sampling(seqs))
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        lp_rows = {}
+        if want:
+            pick = torch.tensor(want, device=logits.device)
+            k = max(seqs[i].params.logprobs for i in want)
+            chosen, top_ids, top_lp = token_logprobs(logits[pick], tokens_t[pick], k)
+            chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
+            for j, i in enumerate(want):
+                kk = seqs[i].params.logprobs
+                lp_rows[i] = [(chosen[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))]
+        tokens = tokens_t.tolist()
+        now = time.perf_counter()
+        m = self.metrics
+        outputs = []
+        per_loops: dict[int, int] = {}
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            seq.output_ids.append(tok)
+            if m is not None:
+                (m.ttft.observe(now - seq.arrival) if len(seq.output_ids) == 1 else m.itl.observe(now - seq.last_token_at))
+                per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
+            if len(seq.output_ids) == 1:
+                seq.first_token_at = now
+            seq.last_token_at = now
+            p = seq.params
+            reason = None
+            if tok == self.eos_token_id and not p.ignore_eos:
+                reason = "stop"
+            elif seq.detok is not None and seq.detok.add(tok):
+                reason = "stop"  # a stop string
+            if reason is None and len(seq.output_ids) >= p.max_tokens:
+                reason = "length"
+            text = seq.detok.delta(final=reason is not None) if seq.detok is not None else ""
+            outputs.append(StepOutput(seq, [tok], text, lp_rows.get(i), reason))
+            if reason is not None:
+                self._finish(seq, reason)
+        if m is not None:
+            for k, c in per_loops.items():
+                m.count_generated(k, c)
+        return outputs
+
+    def _prompt_logprobs(self, seqs: list[Sequence], prompt_logits: list) -> None:
+        """Per prompt token: None for the first, else (logprob, top list) under the preceding context."""
+        for seq, logits in zip(seqs, prompt_logits):
+            if logits is None:
+                continue
+            ids = torch.tensor(seq.prompt_ids[1:], device=logits.device)
+            chosen, top_ids, top_lp = token_logprobs(logits[:-1], ids, seq.params.logprobs or 0)
+            seq.prompt_logprobs = [None] + [
+                (c, list(zip(ti, tl))) for c, ti, tl in zip(chosen.tolist(), top_ids.tolist(), top_lp.tolist())
+            ]
+
+    # ---- synchronous use ----------------------------------------------------------------------
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None, loops: int | None = None,
+                 n: int = 1) -> list[Completion]:
+        """Runs prompts to completion in this thread (the engine thread must not be running)."""
+        if self._thread is not None:
+            raise RuntimeError("generate() steps the engine itself; it cannot run while the engine thread does (use submit)")
+        params = params or SamplingParams()
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        seqs = self.add_request(ids, params, loops, n)
+        logprobs: dict[int, list] = {s.id: [] for s in seqs}
+        texts: dict[int, list[str]] = {s.id: [] for s in seqs}
+        pending = {s.id for s in seqs}
+        while pending:
+            for out in self.step():
+                if out.seq.id in pending:
+                    texts[out.seq.id].append(out.text)
+                    if out.logprobs:
+                        logprobs[out.seq.id] += out.logprobs
+                    if out.finished:
+                        pending.discard(out.seq.id)
+        return [Completion(s.prompt_ids, s.output_ids, "".join(texts[s.id]), s.finish_reason, s.loops,
+                           logprobs[s.id] if params.logprobs is not None else None) for s in seqs]
+
+    # ---- the background thread ----------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="mesh-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the thread; sequences still queued or running end with finish_reason "abort"."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.has_work():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._deliver(self.step())
+            self._deliver(self._abort_all())
+        except BaseException as e:  # the loop itself broke: report, fail everyone, let /health say 503
+            self.error = e
+            log.exception("engine thread died")
+            try:
+                self._deliver(self._abort_all(reason="error", error=f"engine stopped: {type(e).__name__}: {e}"))
+            except Exception:
+                pass
+
+    @torch.inference_mode()
+    def _abort_all(self, reason: str = "abort", error: str | None = None) -> list[StepOutput]:
+        self._drain()
+        outputs = []
+        for seq in list(self.scheduler.waiting) + list(self.pool.rows):
+            self._finish(seq, reason)
+            outputs.append(StepOutput(seq, [], "", None, reason, error=error))
+        return outputs
+
+    @staticmethod
+    def _deliver(outputs: list[StepOutput]) -> None:
+        """Hands outputs to their requests' event loops: one thread-safe call per loop per step."""
+        by_loop: dict = {}
+        for out in outputs:
+            if out.seq.sink is not None:
+                by_loop.setdefault(out.seq.sink.loop, []).append(out)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+                pass
+
+
+def _put_all(items: list[StepOutput]) -> None:
+    for out in items:
+        out.seq.sink.queue.put_nowait(out)

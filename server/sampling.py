@@ -1,0 +1,138 @@
+"""Sampling parameters and the per-step token choice: small pure functions over a (B, V) logits batch.
+
+Every sampled row draws its noise from its own ``torch.Generator`` (seeded by the request), in
+vocabulary order, whatever the other rows are: the same seed and parameters give the same tokens
+whether the request runs alone or inside a busy batch. Greedy rows (temperature 0) take the argmax.
+
+The draw is the exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)`` i.i.d. per token picks token
+i with probability ``p_i`` (it is Gumbel-max in another form), and it needs one vector of noise per
+row, which the row's own generator fills.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_LOGPROBS = 5  # OpenAI's completions API allows 0-5 top logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is decoded (vLLM names). ``top_k`` 0 or -1 and ``top_p`` 1 switch those filters off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
+    prompt_logprobs: bool = False  # logprobs of the prompt tokens too (``echo`` with ``logprobs``)
+    ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks)
+    detokenize: bool = True  # build the text incrementally (stop strings need it)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0.0:
+            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop strings must be non-empty strings")
+        if self.stop and not self.detokenize:
+            bad("stop strings need detokenize=True")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self, device: torch.device | str, offset: int = 0) -> torch.Generator | None:
+        """The sequence's private noise source (None for greedy). ``offset`` separates the n choices of one request."""
+        if self.greedy:
+            return None
+        seed = secrets.randbits(63) if self.seed is None else self.seed + offset
+        return torch.Generator(device=device).manual_seed(seed % (1 << 64))
+
+
+@dataclass
+class BatchSampling:
+    """The sampling parameters of a batch's rows as tensors, built once per batch composition."""
+
+    temperature: torch.Tensor  # (B,) float; rows with 0 are greedy
+    top_k: torch.Tensor | None  # (B,) long, V where off; None when no row filters
+    top_p: torch.Tensor | None  # (B,) float, 1 where off; None when no row filters
+    sampled: torch.Tensor | None  # (S,) long: indices of the non-greedy rows; None when all are greedy
+    generators: list = field(default_factory=list)  # one per sampled row, in `sampled` order
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], generators: list, vocab: int, device) -> "BatchSampling":
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        if not rows:
+            return cls(temperature, None, None, None, [])
+        top_k = top_p = None
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        pick = torch.tensor(rows, device=device)
+        sub = (lambda t: None if t is None else t[pick])
+        return cls(temperature[pick], sub(top_k), sub(top_p), pick, [generators[i] for i in rows])
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Masks (to -inf) the tokens outside each row's top k and nucleus p. (B, V) -> (B, V)."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        drop |= rank[None, :] >= top_k[:, None]
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Drop a token when the tokens strictly before it already reach p; the first always stays.
+        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop = drop.scatter(1, order, drop)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def exponential_race(probs: torch.Tensor, generators: list) -> torch.Tensor:
+    """One draw per row from ``probs`` (B, V), row i using ``generators[i]``. Returns (B,) long."""
+    noise = torch.empty_like(probs)
+    for i, g in enumerate(generators):
+        noise[i].exponential_(generator=g)  # in vocabulary order: independent of the other rows
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, batch: BatchSampling) -> torch.Tensor:
+    """Next tokens (B,) for logits (B, V): argmax for greedy rows, a seeded draw for the others."""
+    tokens = logits.argmax(dim=-1)
+    if batch.sampled is None:
+        return tokens
+    sub = logits[batch.sampled].float() / batch.temperature[:, None]  # (S, V)
+    sub = apply_top_k_top_p(sub, batch.top_k, batch.top_p)
+    drawn = exponential_race(sub.softmax(dim=-1), batch.generators)
+    return tokens.index_copy(0, batch.sampled, drawn)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """Log-probabilities under the model's distribution (before temperature and filters, as vLLM reports).
+
+    logits (B, V), tokens (B,) -> chosen (B,), top ids (B, k), top logprobs (B, k).
+    """
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens[:, None]).squeeze(1)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])
+    return chosen, top_ids, top_lp
