@@ -42,3 +42,28 @@ def build_checkpoint(path: str | Path, layout: str = "1+1R2+1", scheme: str = "m
     torch.manual_seed(seed)
     MeshForCausalLM(cfg).save_pretrained(str(path))
     return path
+
+
+MARGIN = 1e-4  # below this top-2 logit gap, float noise between batch shapes may flip a greedy choice
+
+
+@torch.inference_mode()
+def reference_greedy(model: MeshForCausalLM, prompt_ids: list[int], loops: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """MeshForCausalLM.generate's greedy continuation (no end-of-text stop) and how many of its tokens
+    are reliable: the prefix before the first step whose top-2 logit margin is <= MARGIN."""
+    out = model.generate(torch.tensor([prompt_ids]), loops=loops, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    reliable = len(tokens)
+    for i, logits in enumerate(out.logits):
+        top2 = logits[0].float().topk(2).values
+        if float(top2[0] - top2[1]) <= MARGIN:
+            reliable = i  # this step's choice may differ, and everything after it with it
+            break
+    return tokens, reliable
+
+
+def same_greedy(tokens: list[int], reference: tuple[list[int], int]) -> bool:
+    """True when `tokens` agree with the reference on its reliable prefix (and have its length)."""
+    ref, reliable = reference
+    return len(tokens) == len(ref) and tokens[:reliable] == ref[:reliable]
