@@ -26,6 +26,7 @@ class Detokenizer:
         self.sent = 0  # characters of self.text handed out by `delta`
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
+        self.stopped = False
 
     def add(self, token_id: int) -> bool:
         """Appends one token; returns True when the text now contains a stop string (and is cut before it)."""
@@ -45,11 +46,17 @@ class Detokenizer:
             hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
+                self.stopped = True
                 return True
         return False
 
     def delta(self, final: bool) -> str:
-        """New text since the last call; while not final, the tail that may begin a stop string stays back."""
+        """New text since the last call; while not final, the tail that may begin a stop string stays back.
+
+        When final, bytes of an unfinished character are flushed too (as U+FFFD, what decoding all ids gives)."""
+        if final and not self.stopped and self.read < len(self.ids):
+            self.text += self.decode(self.ids[self.prefix :])[len(self.decode(self.ids[self.prefix : self.read])) :]
+            self.prefix = self.read = len(self.ids)
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
         out, self.sent = self.text[self.sent : end], end
         return out

@@ -252,6 +252,9 @@ class Engine:
         if self.error is not None or self._stopping:
             raise EngineDead("the engine has stopped")
         loops = self.check_request(prompts, params, loops)
+        if len(prompts) * n > self.config.max_waiting:  # could never be queued: not a "retry later"
+            raise RequestError(f"{len(prompts)} prompt(s) x n={n} sequences exceed the waiting-queue bound "
+                               f"{self.config.max_waiting} (--max-waiting)", "n")
         request_id = request_id or uuid.uuid4().hex
         seqs = []
         for p, ids in enumerate(prompts):

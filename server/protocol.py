@@ -146,8 +146,10 @@ class LogprobsBuilder:
             return
         lp, top = entry
         self.token_logprobs.append(lp)
-        tops = {self.token_text(i): v for i, v in top}
-        tops.setdefault(text, lp)  # the sampled token is always there (up to logprobs + 1 entries, as OpenAI)
+        tops: dict[str, float] = {}
+        for i, v in top:  # most likely first: when two tokens decode to the same text, the likelier one shows
+            tops.setdefault(self.token_text(i), v)
+        tops[text] = lp  # the sampled token is always there (up to logprobs + 1 entries, as OpenAI)
         self.top_logprobs.append(tops)
 
     def take(self) -> dict:

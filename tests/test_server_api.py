@@ -1,0 +1,354 @@
+"""The HTTP API in-process (httpx ASGITransport, the app's own lifespan starting the engine thread):
+OpenAI completions fields and response shape, SSE streaming, logprobs, echo, n, stop, seed, `loops`,
+errors (400 with `param`, 404, 429 + Retry-After, 503), the operational endpoints, X-Request-Id,
+Prometheus metrics, and the `openai` client as the README uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import Engine, EngineConfig, SamplingParams
+from server.app import create_app
+from server_fixtures import build_checkpoint, reference_greedy
+
+PROMPT = "First Citizen:"
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / NAME)
+
+
+@pytest.fixture(scope="module")
+def app(ckpt):
+    engine = Engine(EngineConfig(model=ckpt, max_batch_size=8, max_waiting=64))
+    app = create_app(engine, stop_engine_on_shutdown=False)  # one engine thread for the module
+    yield app
+    engine.stop()
+
+
+def call(app, fn):
+    """Runs `await fn(client)` against the app (lifespan entered) in a fresh event loop."""
+    async def go():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                return await fn(client)
+    return asyncio.run(go())
+
+
+def post(app, body: dict, path: str = "/v1/completions", **kw) -> httpx.Response:
+    return call(app, lambda c: c.post(path, json=body, **kw))
+
+
+def sse(text: str) -> list:
+    """The JSON events of an SSE body; asserts the [DONE] terminator is last."""
+    events = [line[len("data: "):] for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def metrics(app) -> dict:
+    text = call(app, lambda c: c.get("/metrics")).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_completion_shape_and_defaults(app, ckpt):
+    engine = app.state.engine
+    r = post(app, {"model": NAME, "prompt": PROMPT, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and isinstance(body["created"], int)
+    assert body["model"] == NAME and body["loops"] == engine.model.config.default_loops == 2
+    (choice,) = body["choices"]
+    assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
+    assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] == "length"
+    n_prompt = len(engine.encode(PROMPT))
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 16, "total_tokens": n_prompt + 16}  # max_tokens 16
+    assert len(r.headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("loops", [1, 4])
+def test_greedy_is_identical_streaming_and_not_and_matches_generate(app, loops):
+    engine = app.state.engine
+    body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "loops": loops, "ignore_eos": True}
+    plain = post(app, body).json()
+    chunks = sse(post(app, {**body, "stream": True}).text)
+    streamed = "".join(c["choices"][0]["text"] for c in chunks)
+    assert streamed == plain["choices"][0]["text"]
+    ref, reliable = reference_greedy(engine.model, engine.encode(PROMPT), loops, 20)
+    assert reliable == 20, "the random test model has a near-tie: pick another prompt"
+    assert plain["choices"][0]["text"] == engine.decode(ref) and plain["loops"] == loops
+
+
+def test_loops_changes_the_text_and_is_validated(app):
+    texts = {}
+    for k in (1, 2, 3, 4):
+        body = post(app, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "loops": k}).json()
+        assert body["loops"] == k
+        texts[k] = body["choices"][0]["text"]
+    assert len(set(texts.values())) == 4
+    for bad in (0, 5, "2", True, 1.5):
+        r = post(app, {"prompt": PROMPT, "loops": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "loops", bad
+
+
+def test_prompt_forms_and_usage(app):
+    engine = app.state.engine
+    ids = engine.encode(PROMPT)
+    other = engine.encode("All: Speak")
+    base = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    one = post(app, {**base, "prompt": PROMPT}).json()
+    for prompt, n_choices, n_prompt in [
+        (ids, 1, len(ids)),
+        ([PROMPT, "All: Speak"], 2, len(ids) + len(other)),
+        ([ids, other], 2, len(ids) + len(other)),
+    ]:
+        body = post(app, {**base, "prompt": prompt}).json()
+        assert [c["index"] for c in body["choices"]] == list(range(n_choices))
+        assert body["choices"][0]["text"] == one["choices"][0]["text"], "token ids and text give the same completion"
+        assert body["usage"]["prompt_tokens"] == n_prompt and body["usage"]["completion_tokens"] == 5 * n_choices
+
+
+def test_n_and_seed(app):
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 11, "n": 3, "ignore_eos": True}
+    a, b = post(app, body).json(), post(app, body).json()
+    texts = [c["text"] for c in a["choices"]]
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    assert texts == [c["text"] for c in b["choices"]], "same seed, same texts"
+    assert a["usage"]["prompt_tokens"] == len(app.state.engine.encode(PROMPT)), "the prompt is counted once"
+    c = post(app, {**body, "seed": 12}).json()
+    assert [x["text"] for x in c["choices"]] != texts
+    two = post(app, {"prompt": [PROMPT, "All"], "n": 2, "max_tokens": 4, "temperature": 0}).json()
+    assert [x["index"] for x in two["choices"]] == [0, 1, 2, 3]  # prompt-major: prompt p, choice i -> p * n + i
+    assert two["choices"][0]["text"] == two["choices"][1]["text"] != two["choices"][2]["text"]
+
+
+def test_streaming_format(app):
+    body = {"prompt": [PROMPT, "All"], "n": 2, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
+    r = post(app, {**body, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4 * 6
+    assert all(c["usage"] is None for c in chunks)
+    assert {c["id"] for c in events} == {last["id"]} and all(c["object"] == "text_completion" and c["loops"] == 2 for c in events)
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"] == "length"]
+    assert sorted(finished) == [0, 1, 2, 3]
+    for i in range(4):  # a choice's finish_reason comes on its last chunk
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[-1]["finish_reason"] == "length" and all(m["finish_reason"] is None for m in mine[:-1])
+    plain = post(app, {k: v for k, v in body.items() if k != "stream"}).json()
+    for i in range(4):
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) == plain["choices"][i]["text"]
+    assert all("usage" not in c for c in sse(post(app, body).text)), "no usage unless include_usage"
+
+
+def test_logprobs_and_echo(app):
+    engine = app.state.engine
+    ids = engine.encode(PROMPT)
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2, "ignore_eos": True}
+    lp = post(app, body).json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
+    for tok, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert chosen <= 0 and 1 <= len(top) <= 3 and top[tok] == chosen
+        assert max(top.values()) == chosen, "greedy picks the most likely token"
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    zero = post(app, {**body, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert all(len(t) == 1 for t in zero["top_logprobs"]), "logprobs=0: only the sampled token"
+    # echo: the prompt comes first, in the text and in the logprobs (its first token has none)
+    echo = post(app, {**body, "echo": True}).json()["choices"][0]
+    plain = post(app, {**body, "logprobs": None}).json()["choices"][0]
+    assert echo["text"] == PROMPT + plain["text"]
+    elp = echo["logprobs"]
+    assert len(elp["tokens"]) == len(ids) + 5 and elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
+    assert "".join(elp["tokens"][: len(ids)]) == PROMPT and all(x <= 0 for x in elp["token_logprobs"][1:])
+    assert elp["token_logprobs"][len(ids):] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert post(app, {"prompt": PROMPT, "echo": True, "max_tokens": 3}).json()["choices"][0]["text"].startswith(PROMPT)
+    # streamed logprobs add up to the same entries
+    chunks = sse(post(app, {**body, "stream": True}).text)
+    assert sum((c["choices"][0]["logprobs"]["tokens"] for c in chunks), []) == lp["tokens"]
+    echo_chunks = sse(post(app, {**body, "stream": True, "echo": True}).text)
+    assert echo_chunks[0]["choices"][0]["text"] == PROMPT
+
+
+def test_stop_strings(app):
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "loops": 1, "ignore_eos": True}
+    text = post(app, body).json()["choices"][0]["text"]
+    stop = text[4:7]
+    assert text.find(stop) == 4
+    for value in (stop, ["zzzz", stop]):
+        out = post(app, {**body, "stop": value}).json()
+        assert out["choices"][0]["text"] == text[:4] and out["choices"][0]["finish_reason"] == "stop"
+        assert out["usage"]["completion_tokens"] < 24
+        streamed = sse(post(app, {**body, "stop": value, "stream": True}).text)
+        assert "".join(c["choices"][0]["text"] for c in streamed) == text[:4]
+        assert streamed[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+BAD = [
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["a"] * 9}, "stop"),
+    ({"seed": "1"}, "seed"),
+    ({"stream": "yes"}, "stream"),
+    ({"echo": 1}, "echo"),
+    ({"foo": 1}, "foo"),
+    ({"suffix": "x"}, "suffix"),
+    ({"best_of": 3}, "best_of"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [10**6]}, "prompt"),
+    ({"prompt": "Speak " * 300}, "prompt"),  # longer than max_model_len (256)
+    ({"max_tokens": 255}, "max_tokens"),  # prompt (3 tokens) + max_tokens > max_model_len (256)
+]
+
+
+@pytest.mark.parametrize("fields,param", BAD, ids=[p + "-" + json.dumps(f)[:30] for f, p in BAD])
+def test_invalid_fields_are_400_naming_the_field(app, fields, param):
+    r = post(app, {"prompt": PROMPT, **fields})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+def test_unparseable_bodies_and_missing_prompt_are_400(app):
+    for content in (b"{not json", b"[1, 2]", b"{}"):
+        r = call(app, lambda c: c.post("/v1/completions", content=content, headers={"content-type": "application/json"}))
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, content
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_no_op_values_of_unsupported_fields_are_accepted(app):
+    body = {"prompt": PROMPT, "max_tokens": 2, "suffix": None, "best_of": 1, "logit_bias": {}, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "user": "someone", "top_k": -1, "stream_options": None}
+    assert post(app, body).status_code == 200
+
+
+def test_unknown_model_is_404(app):
+    r = post(app, {"model": "gpt-4", "prompt": PROMPT})
+    assert r.status_code == 404
+    assert r.json()["error"]["param"] == "model" and r.json()["error"]["code"] == "model_not_found"
+    assert call(app, lambda c: c.get("/v1/models/gpt-4")).status_code == 404
+    assert post(app, {"model": "gpt-4", "prompt": "x"}, "/tokenize").status_code == 404
+    assert call(app, lambda c: c.get("/no/such/route")).json()["error"]["type"] == "not_found_error"
+
+
+def test_models_health_tokenize_detokenize(app):
+    engine = app.state.engine
+    models = call(app, lambda c: c.get("/v1/models")).json()
+    assert models["object"] == "list"
+    (card,) = models["data"]
+    assert card["id"] == NAME and card["object"] == "model"
+    assert (card["max_model_len"], card["max_loops"], card["default_loops"]) == (256, 4, 2)
+    assert card["layout"] == "1+1R2+1" and card["scheme"] == "mesh"
+    assert call(app, lambda c: c.get(f"/v1/models/{NAME}")).json()["id"] == NAME
+    assert call(app, lambda c: c.get("/health")).status_code == 200
+    tok = post(app, {"prompt": PROMPT}, "/tokenize").json()
+    assert tok == {"tokens": engine.encode(PROMPT), "count": len(engine.encode(PROMPT)), "max_model_len": 256}
+    assert post(app, {"tokens": tok["tokens"]}, "/detokenize").json() == {"prompt": PROMPT}
+    bad = post(app, {"tokens": [engine.vocab_size]}, "/detokenize")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert post(app, {"tokens": ["a"]}, "/detokenize").json()["error"]["param"] == "tokens"
+
+
+def test_request_id_is_echoed(app):
+    r = post(app, {"prompt": PROMPT, "max_tokens": 1}, headers={"X-Request-Id": "trace-42"})
+    assert r.headers["x-request-id"] == "trace-42"
+    assert post(app, {"prompt": 5}, headers={"X-Request-Id": "trace-43"}).headers["x-request-id"] == "trace-43"
+    assert call(app, lambda c: c.get("/health", headers={"X-Request-Id": "h1"})).headers["x-request-id"] == "h1"
+    replaced = post(app, {"prompt": PROMPT, "max_tokens": 1}, headers={"X-Request-Id": "has space"}).headers["x-request-id"]
+    assert replaced != "has space" and len(replaced) == 32
+
+
+def test_metrics(app):
+    engine = app.state.engine
+    before = metrics(app)
+    ok = ("mesh_requests_total", (("finish_reason", "length"), ("status", "200")))
+    bad = ("mesh_requests_total", (("finish_reason", ""), ("status", "400")))
+    gen3 = ("mesh_generation_tokens_total", (("loops", "3"),))
+    r = post(app, {"prompt": PROMPT, "max_tokens": 7, "loops": 3, "ignore_eos": True, "stream": True})
+    assert r.status_code == 200
+    post(app, {"prompt": PROMPT, "max_tokens": 7, "loops": 3, "ignore_eos": True})
+    post(app, {"prompt": PROMPT, "loops": 9})
+    after = metrics(app)
+    assert after[ok] - before.get(ok, 0) == 2 and after[bad] - before.get(bad, 0) == 1
+    assert after[gen3] - before.get(gen3, 0) == 14
+    n_prompt = len(engine.encode(PROMPT))
+    assert after[("mesh_prompt_tokens_total", ())] - before[("mesh_prompt_tokens_total", ())] == 2 * n_prompt
+    for name in ("mesh_time_to_first_token_seconds", "mesh_e2e_request_latency_seconds", "mesh_request_queue_time_seconds"):
+        assert after[(name + "_count", ())] - before[(name + "_count", ())] == 2, name
+    assert after[("mesh_inter_token_latency_seconds_count", ())] - before[("mesh_inter_token_latency_seconds_count", ())] == 12
+    assert after[("mesh_request_loops_bucket", (("le", "3.0"),))] - before[("mesh_request_loops_bucket", (("le", "3.0"),))] == 2
+    assert after[("mesh_request_loops_bucket", (("le", "2.0"),))] == before[("mesh_request_loops_bucket", (("le", "2.0"),))]
+    assert after[("mesh_requests_running", ())] == 0 and after[("mesh_requests_waiting", ())] == 0
+    assert after[("mesh_kv_cache_usage_ratio", ())] == 0 and after[("mesh_max_waiting", ())] == 64
+    (info,) = [dict(k[1]) for k in after if k[0] == "mesh_model_info"]
+    assert (info["layout"], info["scheme"], info["max_loops"], info["name"]) == ("1+1R2+1", "mesh", "4", NAME)
+
+
+def test_queue_full_is_429_with_retry_after_and_dead_engine_is_503(ckpt):
+    engine = Engine(EngineConfig(model=ckpt, max_waiting=2))  # its thread never starts: nothing leaves the queue
+    app = create_app(engine)
+    transport = httpx.ASGITransport(app=app)
+
+    async def go():  # no lifespan: the engine stays stopped
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            assert (await c.get("/health")).status_code == 503
+            engine.add_request([engine.encode(PROMPT)] * 2, SamplingParams(max_tokens=4))
+            r = await c.post("/v1/completions", json={"prompt": PROMPT})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "queue_full"
+            r = await c.post("/v1/completions", json={"prompt": PROMPT, "n": 3})  # can never fit: not a 429
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+            text = (await c.get("/metrics")).text
+            assert 'mesh_requests_total{finish_reason="",status="429"} 1.0' in text
+            assert "mesh_requests_waiting 2.0" in text and "mesh_max_waiting 2.0" in text
+
+    asyncio.run(go())
+
+
+def test_openai_client(app):
+    """The README's client example, through the app in-process."""
+    async def go(_):
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+        client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=http)
+        res = await client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"loops": 3})
+        stream = await client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                                 extra_body={"loops": 3})
+        streamed = "".join([chunk.choices[0].text async for chunk in stream])
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.completions.create(model=NAME, prompt=PROMPT, extra_body={"loops": 9})
+        await http.aclose()
+        return res, streamed, e.value
+
+    res, streamed, err = call(app, go)
+    direct = post(app, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "loops": 3}).json()
+    assert res.choices[0].text == streamed == direct["choices"][0]["text"]
+    assert res.model_extra["loops"] == 3 and res.usage.completion_tokens == direct["usage"]["completion_tokens"]
+    assert err.status_code == 400 and err.body["param"] == "loops"
