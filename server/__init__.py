@@ -12,7 +12,17 @@ scheduler.py (admission, continuous batching), model_runner.py (inputs -> forwar
 engine.py (the loop, threads, asyncio queues), metrics.py, protocol.py + app.py (HTTP), __main__.py (CLI).
 """
 
-from .engine import Engine, EngineConfig
-from .sampling import SamplingParams
-
 __all__ = ["Engine", "EngineConfig", "SamplingParams"]
+
+
+def __getattr__(name):
+    # Imported on first use, so `python -m server --help` answers without loading torch.
+    if name in ("Engine", "EngineConfig"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "SamplingParams":
+        from .sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'server' has no attribute {name!r}")

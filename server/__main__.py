@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 FLAGS = [
@@ -94,7 +95,13 @@ def main(argv=None) -> int:
         engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device,
         str(engine.dtype).replace("torch.", ""), engine.max_model_len, config.kv_cache_mb, args.host, args.port,
     )
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the handler it found
+    # at start; a no-op one lets a graceful shutdown end with exit status 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after its graceful shutdown
+        pass
     return 0
 
 
