@@ -112,6 +112,7 @@ class Settings:
     diag_windows: int = 16  # held-out windows the diagnostics average over
     diag_length: int = 128
     device: str = "auto"
+    micro_batch_size: int = 0  # sequences per forward (gradient accumulation); 0 = the whole batch
 
     @property
     def max_steps(self) -> int:
@@ -125,6 +126,7 @@ class Settings:
         """What a finished run must match to be reused (not the device: CPU and GPU runs mix)."""
         d = dataclasses.asdict(self)
         d.pop("device")
+        d.pop("micro_batch_size")  # the same global batch, only split differently
         d["max_steps"] = self.max_steps
         d.pop("steps")
         d.pop("tokens")
@@ -174,6 +176,7 @@ def train_config(v: Variant, seed: int, s: Settings, data_dir: Path) -> dict:
         {
             "seq_len": s.seq_len,
             "batch_size": s.batch_size,
+            "micro_batch_size": s.micro_batch_size,
             "max_steps": steps,
             "lr": s.lr,
             "warmup_steps": -1,  # 1% of the steps, the paper's warmup
@@ -422,7 +425,7 @@ def summarize(results: dict[str, list[dict]], variants: list[Variant]) -> dict:
             }
         out["variants"][v.name] = entry
 
-    # Is the gap to vanilla (or between schemes) larger than the seed noise?
+    # Is the gap to the reference (vanilla, or a weaker scheme) larger than the seed noise?
     pairs = [("vanilla", "base"), ("vanilla", "mesh"), ("base", "mesh"), ("anchor", "mesh"), ("vanilla_deep", "base_k3"), ("vanilla_deep", "mesh_k3"), ("base_k3", "mesh_k3")]
     for a, b in pairs:
         ea, eb = out["variants"].get(a), out["variants"].get(b)
@@ -432,9 +435,9 @@ def summarize(results: dict[str, list[dict]], variants: list[Variant]) -> dict:
         threshold = 2 * max(sa, sb)
         out["comparisons"].append(
             {
-                "better": a,
-                "worse": b,
-                "gap_nats_per_char": mb - ma,  # > 0: `better` really is better
+                "reference": a,
+                "compared": b,
+                "gap_nats_per_char": mb - ma,  # > 0: the reference is better
                 "two_std": threshold,
                 "seeds": min(na, nb),
                 "significant": bool(min(na, nb) > 1 and (mb - ma) > threshold),
@@ -469,14 +472,16 @@ def report_markdown(summary: dict, s: Settings, variants: list[Variant]) -> str:
     if summary["comparisons"]:
         lines += [
             "",
-            "### Gaps against seed noise (nats/char; significant = gap > 2 x the larger seed std)",
+            "### Gaps against seed noise (nats/char)",
             "",
-            "| better | worse | gap | 2 std | seeds | significant |",
+            "Δ = compared − reference (> 0: the reference is better); beyond noise = Δ > 2 x the larger of the two seed stds.",
+            "",
+            "| reference | compared | Δ nats/char | 2 x std | seeds | reference better beyond noise |",
             "|---|---|---:|---:|---:|---|",
         ]
         for c in summary["comparisons"]:
             lines.append(
-                f"| {c['better']} | {c['worse']} | {c['gap_nats_per_char']:+.4f} | {c['two_std']:.4f} | {c['seeds']} | {'yes' if c['significant'] else 'no'} |"
+                f"| {c['reference']} | {c['compared']} | {c['gap_nats_per_char']:+.4f} | {c['two_std']:.4f} | {c['seeds']} | {'yes' if c['significant'] else 'no'} |"
             )
     elastic = [v for v in variants if v.all_depths and v.name in V]
     if elastic:
@@ -485,7 +490,7 @@ def report_markdown(summary: dict, s: Settings, variants: list[Variant]) -> str:
             "",
             "### Depth elasticity: held-out nats/char at each depth (mean ± std over seeds)",
             "",
-            "| depth K | " + " | ".join(f"{v.name} ({'K=' + str(v.depth) if v.sampling == 'fixed' else 'K~U{1..' + str(V[v.name]['by_depth'] and max(depths)) + '}'})" for v in elastic) + " |",
+            "| depth K | " + " | ".join(f"{v.name} (trained {'at K=' + str(v.depth) if v.sampling == 'fixed' else f'K~U{{1..{v.max_loops}}}'})" for v in elastic) + " |",
             "|---:|" + "---:|" * len(elastic),
         ]
         for k in depths:
@@ -561,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help=f"BPE vocabulary, shared by all runs (default {d.vocab_size})")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"training context (default {d.seq_len})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default {d.batch_size})")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="sequences per forward, to fit GPU memory (default: the whole batch)")
     p.add_argument("--tokens", type=int, help=f"token budget per run (default {d.tokens:,}; {QUICK['tokens']:,} with --quick)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per run (overrides --tokens)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
@@ -587,8 +593,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings, list[Variant], 
     for name, value in (("--seeds", seeds), ("--hidden-size", args.hidden_size), ("--heads", args.heads), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--tokens", tokens), ("--jobs", args.jobs), ("--diag-windows", args.diag_windows)):
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
-    if args.steps < 0 or args.threads < 0 or args.lr <= 0:
-        raise UsageError("--steps and --threads must be >= 0 and --lr > 0")
+    if args.steps < 0 or args.threads < 0 or args.micro_batch_size < 0 or args.lr <= 0:
+        raise UsageError("--steps, --threads and --micro-batch-size must be >= 0 and --lr > 0")
+    if args.micro_batch_size and args.batch_size % args.micro_batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by --micro-batch-size {args.micro_batch_size}")
     if args.hidden_size % args.heads:
         raise UsageError(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
     s = Settings(
@@ -604,6 +612,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings, list[Variant], 
         scale_embeddings=not args.no_scale_embeddings,
         diag_windows=args.diag_windows,
         device=args.device,
+        micro_batch_size=args.micro_batch_size,
     )
     return args, s, [v for v in known.values() if v.name in names], list(range(seeds))
 
