@@ -247,6 +247,9 @@ class Prometheus:
     def alerts(self) -> list[dict]:
         return self._get("/api/v1/alerts")["alerts"]
 
+    def version(self) -> str:
+        return self._get("/api/v1/status/buildinfo")["version"]
+
     def target_health(self) -> list[str]:
         return [t["health"] for t in self._get("/api/v1/targets")["activeTargets"]]
 
@@ -286,7 +289,7 @@ def _formatter(unit: str):
         return FuncFormatter(seconds)
     if unit == "percentunit":
         return FuncFormatter(lambda v, _: f"{v * 100:.0f}%")
-    return FuncFormatter(lambda v, _: f"{v:.3g}")
+    return FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}")
 
 
 UNIT_SUFFIX = {"reqps": " (req/s)", "s": "", "percentunit": "", "short": ""}
@@ -317,11 +320,11 @@ def plot(dashboard: dict, results: dict, start: float, end: float, path: Path, s
     import matplotlib.pyplot as plt
 
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dashboard["panels"])
-    width_in, row_in, top_in = 22.0, 0.36, 0.9
+    width_in, row_in, top_in = 22.0, 0.36, 1.1
     fig = plt.figure(figsize=(width_in, rows * row_in + top_in), facecolor=BG)
     height_in = rows * row_in + top_in
     fig.text(0.01, 1 - 0.3 / height_in, dashboard["title"], color=TEXT, fontsize=17, weight="bold", va="center")
-    fig.text(0.01, 1 - 0.65 / height_in, subtitle, color="#8e8e8e", fontsize=10, va="center")
+    fig.text(0.01, 1 - 0.75 / height_in, subtitle, color="#8e8e8e", fontsize=10, va="center", linespacing=1.5)
 
     for panel in dashboard["panels"]:
         g = panel["gridPos"]
@@ -338,8 +341,8 @@ def plot(dashboard: dict, results: dict, start: float, end: float, path: Path, s
         frame.text(0.01, 0.97, panel["title"] + UNIT_SUFFIX.get(unit, ""), color=TEXT, fontsize=10.5,
                    weight="bold", va="top", transform=frame.transAxes)
         series = [(t, s) for t, ss in results.get(panel["id"], []) for s in ss]
-        inner = [left + 0.035 * width if panel["type"] == "timeseries" else left + 0.01,
-                 bottom + 0.16 * height, width * (0.95 if panel["type"] == "timeseries" else 0.98), height * 0.66]
+        inner = [left + 0.05 * width if panel["type"] == "timeseries" else left + 0.04 * width,
+                 bottom + 0.16 * height, width * (0.94 if panel["type"] == "timeseries" else 0.95), height * 0.66]
 
         if panel["type"] == "stat":
             if not series:
@@ -420,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model under load, scrape it with Debian's Prometheus using deploy/prometheus, evaluate "
                     "every query of deploy/grafana/dashboards/mesh.json through Prometheus' HTTP API and plot "
                     "the dashboard (Grafana's layout) into a PNG.")
-    p.add_argument("--model", default=None, metavar="DIR", help="model folder (default: model/default)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model folder (default: model/default, or the tests' random tiny model when that is missing)")
     p.add_argument("--out", default=str(ROOT / "docs" / "dashboard.png"), metavar="PNG", help="image to write (default: docs/dashboard.png)")
     p.add_argument("--duration", type=float, default=240, metavar="S", help="seconds of load (default 240)")
     p.add_argument("--peak-clients", type=int, default=14, metavar="N", help="concurrent clients at the peak (default 14)")
@@ -435,9 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    model = Path(args.model) if args.model else DEFAULT_MODEL
-    if not (model / "config.json").is_file():
-        print(f"error: no model at {model} (config.json missing); pass --model DIR", file=sys.stderr)
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        print(f"error: no model at {args.model} (config.json missing)", file=sys.stderr)
         return 2
     if not Path(args.prometheus).is_file():
         print(f"error: Prometheus not found at {args.prometheus}; apt-get install prometheus", file=sys.stderr)
@@ -447,6 +450,16 @@ def main(argv=None) -> int:
     dashboard = load_dashboard()
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="render-dashboard-")))
+        if args.model:
+            model, model_desc = Path(args.model), Path(args.model).name
+        elif (DEFAULT_MODEL / "config.json").is_file():
+            model, model_desc = DEFAULT_MODEL, "default (model/default)"
+        else:
+            # No default model yet: the server tests' random tiny checkpoint (tokenizer included).
+            sys.path.insert(0, str(ROOT / "tests"))
+            from server_fixtures import build_checkpoint
+
+            model, model_desc = build_checkpoint(work / "random-tiny"), "random tiny (tests/server_fixtures.py)"
         port, prom_port = free_port(), free_port()
         server_cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                       "--device", "cpu", "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting)]
@@ -476,10 +489,14 @@ def main(argv=None) -> int:
         results = evaluate(prom, dashboard, start - 10, end, step=5, rate_interval="20s")
         firing = sorted({f"{a['labels']['alertname']} ({a['state']})" for a in prom.alerts()})
         served = sum(c for s, c in counts.items())
-        subtitle = (f"{model.name} model on CPU, {args.duration:.0f}s of load ramping to {args.peak_clients} clients "
-                    f"(--max-batch-size {args.max_batch_size}, --max-waiting {args.max_waiting}); {served} requests, "
-                    f"status counts {counts}; alerts at the end: {', '.join(firing) or 'none'}. "
-                    f"Queries from deploy/grafana/dashboards/mesh.json evaluated by Prometheus.")
+        settings = f"--max-batch-size {args.max_batch_size} --max-waiting {args.max_waiting}"
+        if args.kv_cache_mb is not None:
+            settings += f" --kv-cache-mb {args.kv_cache_mb:g}"
+        subtitle = (f"{model_desc} model on CPU ({settings}); {args.duration:.0f} s of load ramping 1 -> "
+                    f"{args.peak_clients} -> 2 clients. Every panel is its query from deploy/grafana/dashboards/mesh.json, "
+                    f"evaluated by Prometheus {prom.version()}.\n"
+                    f"{served} requests, by status: {', '.join(f'{s}: {c}' for s, c in counts.items())}. "
+                    f"Alerts (deploy/prometheus/alerts.yml) at the end: {', '.join(firing) or 'none'}.")
         plot(dashboard, results, start - 10, end, Path(args.out), subtitle)
         print(f"requests by status: {counts}")
         print(f"alerts at the end: {firing or 'none'}")
