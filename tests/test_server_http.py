@@ -7,6 +7,8 @@ flags and MESH_* variables. Also the CLI's --help and one-line errors.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -196,6 +198,19 @@ def wait_idle(url: str, timeout: float = 5.0) -> None:
             return
         time.sleep(0.02)
     pytest.fail("the running batch did not empty")
+
+
+def test_http_throughput_script(server, tmp_path):
+    spec = importlib.util.spec_from_file_location("http_throughput", ROOT / "scripts" / "http_throughput.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "t.json"
+    argv = ["--url", server, "--concurrency", "1", "3", "--loops", "1", "4", "--requests", "3", "--max-tokens", "5", "--out", str(out)]
+    assert script.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["loops"], r["concurrency"]) for r in results] == [(1, 1), (1, 3), (4, 1), (4, 3)]
+    assert all(r["output_tokens"] == 15 and r["errors"] == 0 and r["tokens_per_s"] > 0 for r in results)
+    assert script.main(["--url", "http://127.0.0.1:1"]) == 2, "no server: a one-line error"
 
 
 # ---- the CLI -------------------------------------------------------------------------------------
