@@ -29,7 +29,7 @@ from server.engine import load, resolve_device, resolve_dtype  # noqa: E402
 
 
 class ByteTokenizer:
-    """Enough of a tokenizer for a random model: ids are bytes + 2 (0 = end of text, 1 = padding)."""
+    """Enough of a tokenizer for a random model fed token ids: decodes ids as bytes (the engine needs no more)."""
 
     eos_token_id = 0
 
@@ -38,9 +38,6 @@ class ByteTokenizer:
 
         self.backend_tokenizer = Tokenizer(models.WordLevel({chr(i): i for i in range(256)}, unk_token="\x00"))
         self.backend_tokenizer.decoder = decoders.Fuse()
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [b + 2 for b in text.encode()]}
 
 
 def sync(device):

@@ -204,7 +204,9 @@ class Engine:
 
     # ---- tokens <-> text ----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        # The Rust tokenizer itself: encode (event loop) and decode (engine thread) only read it, while the
+        # transformers wrapper may reconfigure truncation, which fails ("Already borrowed") across threads.
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text, special tokens dropped (the same function streams and echoes use)."""
