@@ -27,6 +27,8 @@ FLAGS = [
     ("--max-model-len", int, None, "longest prompt + max_tokens accepted; default the model's max_position_embeddings"),
     ("--max-num-batched-tokens", int, None, "padded prompt tokens per prefill step; default max(2048, max-model-len)"),
     ("--served-model-name", str, None, "the model name clients send; default the model directory's name"),
+    ("--threads", int, 0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores). On a "
+                          "busy or small machine 1 is often fastest: decode steps are many small operations"),
     ("--log-level", str, "info", "debug, info, warning or error"),
 ]
 CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--log-level": ("debug", "info", "warning", "error")}
@@ -67,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     return args
 
 
@@ -76,8 +80,13 @@ def main(argv=None) -> int:
     # Heavy imports after argument parsing: --help and argument errors stay instant.
     import uvicorn
 
+    import torch
+
     from .app import create_app
     from .engine import Engine, EngineConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     try:
         config = EngineConfig(
@@ -91,8 +100,9 @@ def main(argv=None) -> int:
         return 2
     cfg = engine.model.config
     logging.getLogger("server").info(
-        "serving %s (%s, scheme %s, loops 1..%d, default %d) on %s, %s, max_model_len %d, KV budget %.0f MiB, at http://%s:%d",
-        engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device,
+        "serving %s (%s, scheme %s, loops 1..%d, default %d) on %s (%d threads), %s, max_model_len %d, "
+        "KV budget %.0f MiB, at http://%s:%d",
+        engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device, torch.get_num_threads(),
         str(engine.dtype).replace("torch.", ""), engine.max_model_len, config.kv_cache_mb, args.host, args.port,
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the handler it found

@@ -42,11 +42,11 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     port = free_port()
-    env = {**os.environ, "MESH_MAX_MODEL_LEN": "240", "MESH_PORT": "1", "MESH_KV_CACHE_MB": "64", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MESH_MAX_MODEL_LEN": "240", "MESH_PORT": "1", "MESH_KV_CACHE_MB": "64"}
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--max-batch-size", "8",
-         "--max-waiting", "16", "--log-level", "warning"],
+         "--max-waiting", "16", "--threads", "1", "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -229,6 +229,8 @@ def test_environment_variables_and_flags(monkeypatch):
     args = cli.parse_args([])
     assert (args.max_batch_size, args.kv_cache_mb, args.model, args.port, args.host) == (7, 12.5, None, 8000, "127.0.0.1")
     assert cli.parse_args(["--max-batch-size", "3"]).max_batch_size == 3, "the flag wins over the variable"
+    monkeypatch.setenv("MESH_THREADS", "1")
+    assert cli.parse_args([]).threads == 1 and cli.parse_args(["--threads", "2"]).threads == 2
 
 
 @pytest.mark.parametrize("argv,env,needle", [
@@ -237,6 +239,7 @@ def test_environment_variables_and_flags(monkeypatch):
     (["--dtype", "float8"], {}, "--dtype"),
     (["--port", "70000"], {}, "--port"),
     (["--max-batch-size", "0"], {}, "max_batch_size"),
+    (["--threads", "-1"], {}, "--threads"),
 ])
 def test_bad_settings_give_a_one_line_error(argv, env, needle, monkeypatch, capsys):
     for k, v in env.items():
