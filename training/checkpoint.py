@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .common import fsync_dir, fsync_tree, replace_dir_atomic, write_json_atomic
+from .common import fsync_dir, fsync_tree, quiet_transformers, replace_dir_atomic, write_json_atomic
 from .prepare import copy_tokenizer
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -70,6 +70,7 @@ def save_checkpoint(run: str | Path, step: int, model, model_state: dict, traine
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    quiet_transformers()
     model.save_pretrained(str(tmp), state_dict=model_state)
     copy_tokenizer(tokenizer_dir, tmp)
     torch.save(trainer_state, tmp / STATE_FILE)

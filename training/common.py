@@ -28,6 +28,13 @@ def run_cli(prog: str, fn: Callable[[], int | None]) -> int:
         return 130
 
 
+def quiet_transformers() -> None:
+    """Turns off transformers' own progress bars (weight loading/saving): ours say what is going on."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Makes a rename or file creation inside ``path`` durable (POSIX needs the directory fsynced)."""
     fd = os.open(path, os.O_RDONLY)

@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .common import UsageError
 
-DEPTH_SAMPLING = ("fixed", "uniform", "heavy")
+DEPTH_SAMPLING = ("fixed", "uniform", "weighted", "heavy")
 
 
 @dataclasses.dataclass
@@ -38,8 +38,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     # Depth-elastic training: the recursion depth K of each step (the same on every rank).
-    depth_sampling: str = "uniform"  # fixed | uniform over [1, max_loops] | heavy (Huginn-style)
+    depth_sampling: str = "uniform"  # fixed | uniform over [1, max_loops] | weighted | heavy (Huginn-style)
     fixed_loops: int = 0  # for "fixed"; 0 = model.default_loops
+    depth_weights: list = dataclasses.field(default_factory=list)  # for "weighted": one weight per depth 1..max_loops
     depth_mean: float = 2.5  # for "heavy": the mean of K before clipping to [1, max_loops]
     depth_sigma: float = 0.5  # for "heavy": sigma of the log-normal rate
     eval_interval: int = 100  # steps between evals (and at the end); 0 = only at the end
@@ -50,6 +51,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many step-N checkpoints to keep
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads per process; 0 = torch's default (one per core)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # ddp | fsdp (under torchrun with more than one process)
@@ -66,6 +68,10 @@ class TrainConfig:
             raise UsageError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.depth_sampling not in DEPTH_SAMPLING:
             raise UsageError(f"train.depth_sampling must be one of {', '.join(DEPTH_SAMPLING)}, got {self.depth_sampling!r}")
+        if self.depth_sampling == "weighted" and (
+            not self.depth_weights or any(not isinstance(w, (int, float)) or w < 0 for w in self.depth_weights) or sum(self.depth_weights) <= 0
+        ):
+            raise UsageError(f"train.depth_weights must be non-negative numbers, one per depth 1..max_loops, got {self.depth_weights!r}")
         if self.depth_sampling == "heavy" and self.depth_mean < 1:
             raise UsageError(f"train.depth_mean must be >= 1, got {self.depth_mean}")
         if self.parallel not in ("ddp", "fsdp"):

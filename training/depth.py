@@ -6,6 +6,8 @@ would have.
 
 - ``fixed``: always K (the paper's setting).
 - ``uniform``: K ~ U{1, ..., max_loops}: every depth the server may be asked for is trained equally.
+- ``weighted``: K drawn with the relative weights ``depth_weights`` (one per depth 1..max_loops),
+  e.g. [1, 1, 1, 3] trains the deepest path half the time so extra loops keep paying off.
 - ``heavy``: Huginn-style (Geiping et al. 2025): tau ~ N(log(mean - 1) - sigma^2/2, sigma),
   K = 1 + Poisson(e^tau), clipped to [1, max_loops]. Mostly shallow, cheap steps with a heavy
   tail of deep ones; before clipping E[K] = mean.
@@ -18,12 +20,17 @@ import math
 import numpy as np
 
 
-def sample_depth(step: int, seed: int, mode: str, max_loops: int, fixed: int = 0, mean: float = 2.5, sigma: float = 0.5) -> int:
+def sample_depth(
+    step: int, seed: int, mode: str, max_loops: int, fixed: int = 0, mean: float = 2.5, sigma: float = 0.5, weights=None
+) -> int:
     if mode == "fixed":
         return fixed
     g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, 0xDE97])))
     if mode == "uniform":
         return int(g.integers(1, max_loops + 1))
+    if mode == "weighted":
+        p = np.asarray(weights, dtype=np.float64)
+        return int(g.choice(np.arange(1, max_loops + 1), p=p / p.sum()))
     if mode == "heavy":
         if mean <= 1:
             return 1

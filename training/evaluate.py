@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import resolve_model_dir
-from .common import UsageError, pick_device, require_file, run_cli
+from .common import UsageError, pick_device, quiet_transformers, require_file, run_cli
 from .data import SplitCounter, TokenData, encode_stream, iter_text, load_tokenizer, same_tokenizer, split_point, split_text
 
 
@@ -39,6 +39,7 @@ def load_model(path: str | Path, device: torch.device):
     import model as _registers_mesh  # noqa: F401  (AutoModel knows model_type "mesh" after this import)
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     directory = resolve_model_dir(path)
     if not (directory / "config.json").is_file():
         raise UsageError(f"no model in {path} (expected config.json + model.safetensors, or a training run directory)")

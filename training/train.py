@@ -237,6 +237,8 @@ def train(cfg: dict, out: str | Path, stop_after: int = 0, progress: bool = True
     data = TokenData(cfg["data"]["dir"])
     train_tokens, val_tokens = data.split("train"), data.split("val")
 
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
     dd, device = setup_distributed(tc.device)
     try:
         return _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after, progress, MeshConfig, MeshForCausalLM, load_file)
@@ -274,6 +276,8 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
     model.generation_config = generation_config(config)
     max_loops = config.max_loops
     fixed_k = tc.fixed_loops or config.default_loops
+    if tc.depth_sampling == "weighted" and len(tc.depth_weights) != max_loops:
+        raise UsageError(f"train.depth_weights needs {max_loops} weights (one per depth 1..max_loops), got {len(tc.depth_weights)}")
     if tc.depth_sampling == "fixed" and not 1 <= fixed_k <= max_loops:
         raise UsageError(f"train.fixed_loops: loops must be an integer in [1, {max_loops}], got {fixed_k}")
     eval_loops = tc.eval_loops or list(range(1, max_loops + 1))
@@ -386,7 +390,7 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
     train_model.train()
     while step < tc.max_steps:
         t0 = time.perf_counter()
-        k = sample_depth(step, tc.seed, tc.depth_sampling, max_loops, fixed_k, tc.depth_mean, tc.depth_sigma)
+        k = sample_depth(step, tc.seed, tc.depth_sampling, max_loops, fixed_k, tc.depth_mean, tc.depth_sigma, tc.depth_weights)
         offsets = batch_offsets(len(train_tokens), tc.seq_len, tc.batch_size, tc.seed, step)
         mine = offsets[dd.rank * per_rank : (dd.rank + 1) * per_rank]
         loss_sum = torch.zeros((), device=device)
