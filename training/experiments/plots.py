@@ -45,50 +45,65 @@ def _smooth(y: np.ndarray, n: int = 5) -> np.ndarray:
 
 
 def curves(out: Path, results: dict, variants, s, path: Path) -> Path:
+    """Top: held-out nats/char during training. Bottom: training loss minus the vanilla model's.
+
+    Batches are a function of (seed, step), so every variant of a seed sees the same batches and
+    the difference to vanilla is far less noisy than the loss itself.
+    """
     plt = _plt()
     groups = [g for g in ("A", "B") if any(v.group == g and v.name in results for v in variants)]
     fig, axes = plt.subplots(2, len(groups), figsize=(6.5 * len(groups), 8), squeeze=False)
     tokens_per_step = s.batch_size * s.seq_len
     for col, g in enumerate(groups):
         ax_val, ax_train = axes[0][col], axes[1][col]
+        ref = next((v for v in variants if v.group == g and v.scheme == "vanilla" and v.name in results), None)
+        ref_train = {}
+        if ref is not None:
+            for r in results[ref.name]:
+                tr, _ = read_metrics(out / "runs" / ref.name / f"seed-{r['seed']}" / "train" / "metrics.jsonl")
+                ref_train[r["seed"]] = {t["step"]: t["loss"] for t in tr}
+        finals = []
         for v in variants:
             if v.group != g or v.name not in results:
                 continue
-            val_curves, train_curves = [], []
+            val_curves, diff_curves = [], []
             for r in results[v.name]:
                 tr, ev = read_metrics(out / "runs" / v.name / f"seed-{r['seed']}" / "train" / "metrics.jsonl")
                 key = str(v.depth)
                 pts = [(e["step"] * tokens_per_step, e["nats_per_char"][key]) for e in ev if key in e.get("nats_per_char", {})]
                 if pts:
                     val_curves.append(pts)
-                if tr:
-                    train_curves.append([(t["step"] * tokens_per_step, t["loss"]) for t in tr])
+                base = ref_train.get(r["seed"], {})
+                diff = [(t["step"] * tokens_per_step, t["loss"] - base[t["step"]]) for t in tr if t["step"] in base]
+                if diff:
+                    diff_curves.append(diff)
             label = f"{v.name} ({v.layout}{', K~U' if v.sampling == 'uniform' else ''})"
-            style = "--" if v.scheme == "vanilla" else "-"
+            style = dict(color="k", ls="--", lw=2) if v.scheme == "vanilla" else dict(lw=1.5)
             if val_curves:
                 n = min(len(c) for c in val_curves)
                 x = np.array([p[0] for p in val_curves[0][:n]]) / 1e6
                 y = np.array([[p[1] for p in c[:n]] for c in val_curves])  # (seeds, points)
-                line = ax_val.plot(x, y.mean(0), style, marker="o", ms=3, label=label)[0]
+                line = ax_val.plot(x, y.mean(0), marker="o", ms=3, label=label, **style)[0]
+                finals.append(y.mean(0)[-1])
                 if len(y) > 1:
-                    ax_val.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15)
-            if train_curves:
-                n = min(len(c) for c in train_curves)
-                x = np.array([p[0] for p in train_curves[0][:n]]) / 1e6
-                y = np.array([[p[1] for p in c[:n]] for c in train_curves]).mean(0)
-                ax_train.plot(x[len(x) - len(_smooth(y)) :], _smooth(y), style, lw=1, label=label)
+                    ax_val.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.12)
+            if diff_curves and v is not ref:
+                n = min(len(c) for c in diff_curves)
+                x = np.array([p[0] for p in diff_curves[0][:n]]) / 1e6
+                y = _smooth(np.array([[p[1] for p in c[:n]] for c in diff_curves]).mean(0), 9)
+                ax_train.plot(x[len(x) - len(y) :], y, label=label, **style)
         names = " vs ".join(sorted({v.layout for v in variants if v.group == g}, key=len))
         ax_val.set_title(f"group {g} ({names}): held-out, at the trained depth", fontsize=10)
         ax_val.set_ylabel("val nats/char (mean over seeds, band = min..max)")
-        ax_train.set_ylabel("training loss, nats/token (mean over seeds, smoothed)")
+        if finals:  # the interesting part is the end
+            ax_val.set_ylim(min(finals) - 0.03, max(finals) + 0.25)
+        ax_train.axhline(0, color="k", ls="--", lw=1)
+        ax_train.set_title(f"training loss minus {ref.name if ref else 'vanilla'}'s on the same batches (smoothed)", fontsize=10)
+        ax_train.set_ylabel("Δ training loss, nats/token (< 0: better than vanilla)")
         for ax in (ax_val, ax_train):
             ax.set_xlabel("training tokens (millions)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        # The interesting part is the end: zoom the value axis past the first evals.
-        lows = [l.get_ydata()[-1] for l in ax_val.get_lines() if len(l.get_ydata())]
-        if lows:
-            ax_val.set_ylim(min(lows) - 0.05, max(lows) + 0.35)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -187,6 +202,7 @@ def spectra(summary: dict, path: Path) -> Path | None:
         for stage, spec, er in zip(d["stages"], d["spectra_mean"], d["effective_rank_mean"]):
             ax.semilogy(np.arange(1, len(spec) + 1), spec, label=f"{stage} (eff. rank {er:.1f})")
         ax.set_xlabel("singular value index")
+        ax.set_ylim(bottom=1e-5)  # below that: numerical zeros (a window has few distinct tokens)
         ax.set_title(f"{name}: normalised spectra")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
