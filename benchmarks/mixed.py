@@ -1,0 +1,85 @@
+"""3. Mixed-depth batching: do depth-1 rows pay for a depth-4 neighbour's iterations?
+
+Five engines, each holding a fixed running batch after a 32-token prompt, decode steps timed
+round-robin (so machine load hits them alike):
+
+    mixed     16 rows of depth max_loops + 16 rows of depth 1 (one step)
+    deep32    32 rows of depth max_loops
+    shallow32 32 rows of depth 1
+    deep16    16 rows of depth max_loops
+    shallow16 16 rows of depth 1
+
+The cost predicted from active rows is what the mixed step must do at least: prelude + first core
+iteration + coda (+ head, sampling, step overhead) at 32 rows, which is `shallow32`, plus core
+iterations 2..max_loops at 16 rows, which is `deep16 - shallow16`. Target: mixed <= 1.15 x predicted.
+Running the two groups separately costs `deep16 + shallow16` (two steps).
+
+Admission: at a fixed KV budget, how many requests (prompt + max_tokens tokens each) the scheduler
+admits at each depth, and for an even mix, against budget / (kv_bytes_per_token(K) * tokens).
+"""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from server.kv_pool import KVPool
+from server.scheduler import Scheduler
+from server.sequence import Sequence
+
+from .common import FixedBatch, Subject, greedy, interleave, median
+
+
+def run(subject: Subject, rows: int = 32, prompt_len: int = 32, rounds: int = 8, steps: int = 8, seed: int = 0,
+        quiet: bool = False, device=None, budget_mb: float = 64.0, request_tokens: tuple = (32, 256)) -> dict:
+    deep, half = subject.config.max_loops, rows // 2
+    total = rounds * steps
+    layouts = {
+        "mixed": [deep] * half + [1] * half,
+        "deep32": [deep] * rows,
+        "shallow32": [1] * rows,
+        "deep16": [deep] * half,
+        "shallow16": [1] * half,
+    }
+    fixed = {name: FixedBatch(subject, depths, prompt_len, total, seed) for name, depths in layouts.items()}
+    with tqdm(total=rounds, desc="mixed-depth batching", disable=quiet, leave=False) as bar:
+        times = interleave({name: fb.step for name, fb in fixed.items()}, rounds, steps, device, bar)
+    ms = {name: 1e3 * median(t) for name, t in times.items()}
+    predicted = ms["shallow32"] + ms["deep16"] - ms["shallow16"]
+    out = {
+        "rows": rows, "deep": deep, "prompt_len": prompt_len, "steps_timed": total,
+        "step_ms": ms,
+        "predicted_ms": predicted,
+        "separately_ms": ms["deep16"] + ms["shallow16"],
+        "cost_ratio": ms["mixed"] / predicted,
+        "mixed_over_deep32": ms["mixed"] / ms["deep32"],
+        "mixed_over_separately": ms["mixed"] / (ms["deep16"] + ms["shallow16"]),
+    }
+    out["admission"] = admission(subject, budget_mb, *request_tokens)
+    return out
+
+
+def admission(subject: Subject, budget_mb: float, prompt_len: int, max_tokens: int, offered: int = 4096) -> dict:
+    """Requests the scheduler admits against a `budget_mb` KV budget (no row limit), per depth and for an
+    even mix of all depths. Uses the server's own Scheduler and KVPool; no forward pass runs."""
+    cfg = subject.config
+    p = next(subject.model.parameters())
+    budget = int(budget_mb * 2**20)
+    params = greedy(max_tokens)
+    ids = [1] * prompt_len
+    rows = []
+    mixes = [[k] for k in range(1, cfg.max_loops + 1)] + [list(range(cfg.max_loops, 0, -1))]
+    for depths in mixes:
+        pool = KVPool(cfg, budget, max_rows=offered, max_len=prompt_len + max_tokens, dtype=p.dtype, device=p.device)
+        sched = Scheduler(pool, max_num_batched_tokens=offered * prompt_len)
+        for i in range(offered):
+            sched.add(Sequence(ids, params, depths[i % len(depths)]))
+        batch = sched.schedule()  # admits first come, first served until the budget is spent
+        admitted = len(pool.rows) if batch is not None else 0
+        per_request = sum(pool.bytes_per_token(k) for k in depths) / len(depths) * (prompt_len + max_tokens)
+        rows.append({
+            "loops": depths[0] if len(depths) == 1 else "mix " + "/".join(map(str, sorted(depths))),
+            "kv_bytes_per_token": pool.bytes_per_token(depths[0]) if len(depths) == 1 else None,
+            "admitted": admitted,
+            "budget_over_request_bytes": budget / per_request,
+        })
+    return {"budget_mb": budget_mb, "prompt_len": prompt_len, "max_tokens": max_tokens, "rows": rows}
