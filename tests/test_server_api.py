@@ -131,6 +131,16 @@ def test_n_and_seed(app):
     assert two["choices"][0]["text"] == two["choices"][1]["text"] != two["choices"][2]["text"]
 
 
+def test_top_k_and_top_p_narrow_sampling(app):
+    base = {"prompt": PROMPT, "max_tokens": 10, "ignore_eos": True}
+    greedy = post(app, {**base, "temperature": 0}).json()["choices"][0]["text"]
+    for extra in ({"top_k": 1}, {"top_p": 1e-6}):  # one token left: sampling at temperature 1 is greedy
+        for seed in (1, 2):
+            assert post(app, {**base, "temperature": 1.0, "seed": seed, **extra}).json()["choices"][0]["text"] == greedy
+    wide = {post(app, {**base, "temperature": 1.0, "seed": s}).json()["choices"][0]["text"] for s in (1, 2)}
+    assert greedy not in wide and len(wide) == 2, "without the filters the draws differ"
+
+
 def test_streaming_format(app):
     body = {"prompt": [PROMPT, "All"], "n": 2, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
     r = post(app, {**body, "stream_options": {"include_usage": True}})

@@ -109,15 +109,15 @@ def test_concurrent_mixed_depth_requests_match_alone_and_generate(server, ckpt):
     async def go():
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
             alone = {(p, k): await complete(client, body(p, k, False)) for p, k, _ in jobs}  # one at a time
-            peak = 0
+            peak = {"mesh_requests_running": 0.0, "mesh_kv_cache_usage_ratio": 0.0}
 
             async def watch():
-                nonlocal peak
                 while True:
                     r = await client.get("/metrics")
                     for line in r.text.splitlines():
-                        if line.startswith("mesh_requests_running "):
-                            peak = max(peak, float(line.split()[1]))
+                        name, _, value = line.partition(" ")
+                        if name in peak:
+                            peak[name] = max(peak[name], float(value))
                     await asyncio.sleep(0.02)
 
             watcher = asyncio.create_task(watch())
@@ -126,7 +126,8 @@ def test_concurrent_mixed_depth_requests_match_alone_and_generate(server, ckpt):
             return alone, together, peak
 
     alone, together, peak = asyncio.run(go())
-    assert peak >= 3, f"requests did not run together (peak running {peak})"
+    assert peak["mesh_requests_running"] >= 3, f"requests did not run together ({peak})"
+    assert 0 < peak["mesh_kv_cache_usage_ratio"] <= 1
     for (p, k, stream), text in zip(jobs, together):
         ids = httpx.post(server + "/tokenize", json={"prompt": p}).json()["tokens"]
         ref, reliable = reference_greedy(model, ids, k, N)
