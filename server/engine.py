@@ -334,7 +334,10 @@ class Engine:
                 logits = self.runner.decode(seqs)
                 for s in seqs:
                     s.num_cached += 1
-            outputs += self._sample_and_emit(seqs, logits)
+            seqs, logits, failed = self._drop_non_finite(seqs, logits)
+            outputs += failed
+            if seqs:
+                outputs += self._sample_and_emit(seqs, logits)
         except Exception as e:  # fail this step's sequences, keep serving the others
             log.exception("engine step failed (%s of %d sequences)", kind, len(seqs))
             for s in seqs:
@@ -342,6 +345,22 @@ class Engine:
                     self._finish(s, "error")
                     outputs.append(StepOutput(s, [], "", None, "error", error=f"{type(e).__name__}: {e}"))
         return outputs
+
+    def _drop_non_finite(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Rows whose logits are not finite (NaN/inf, from their own input) fail alone: returns the other
+        rows, their logits and the failed rows' outputs. Rows never mix (attention and the recurrence are
+        per row), so the others are sound."""
+        finite = torch.isfinite(logits).all(dim=-1)  # (B,)
+        if bool(finite.all()):
+            return seqs, logits, []
+        ok = finite.tolist()
+        outputs = []
+        for seq, good in zip(seqs, ok):
+            if not good:
+                log.error("non-finite logits for request %s (choice %d): failing it", seq.request_id, seq.index)
+                self._finish(seq, "error")
+                outputs.append(StepOutput(seq, [], "", None, "error", error="the model produced non-finite logits"))
+        return [s for s, good in zip(seqs, ok) if good], logits[finite], outputs
 
     def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
         key = tuple(s.id for s in seqs)

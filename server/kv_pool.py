@@ -105,9 +105,15 @@ class KVPool:
         for k in range(1, K + 1):
             self.count_ge[k] += 1
 
-    def remove(self, seq: Sequence) -> None:
-        """Frees `seq`'s row: the last row of its group fills it, then each shallower group shifts up by one."""
+    def remove(self, seq: Sequence, clear: bool = False) -> None:
+        """Frees `seq`'s row: the last row of its group fills it, then each shallower group shifts up by one.
+
+        Positions past a row's length are masked, but a masked value still meets a zero weight, and
+        0 * NaN is NaN: `clear` zeroes the row first, for a sequence whose K/V may not be finite."""
         K, hole = seq.loops, seq.row
+        if clear:
+            for t in range(K):
+                self.bufs[t][:, :, hole].zero_()
         for j in range(K, 0, -1):
             last = self.count_ge[j] - 1  # last row of group j (after this loop's earlier moves, still valid)
             if last != hole:

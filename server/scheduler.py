@@ -58,7 +58,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence wherever it is: its row (or its place in the queue) is free after this call."""
         if seq.status is Status.RUNNING:
-            self.pool.remove(seq)
+            self.pool.remove(seq, clear=reason == "error")  # a failed row may hold NaN/inf K/V
         elif seq.status is Status.WAITING:
             try:
                 self.waiting.remove(seq)

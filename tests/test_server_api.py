@@ -12,6 +12,7 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import Engine, EngineConfig, SamplingParams
@@ -341,6 +342,35 @@ def test_queue_full_is_429_with_retry_after_and_dead_engine_is_503(ckpt):
             assert "mesh_requests_waiting 2.0" in text and "mesh_max_waiting 2.0" in text
 
     asyncio.run(go())
+
+
+def test_a_failing_request_is_500_and_its_neighbours_succeed(ckpt):
+    """A request whose logits turn NaN (a poisoned token embedding) gets a 500-class error, or an error
+    event in a stream; requests running beside it are unaffected."""
+    engine = Engine(EngineConfig(model=ckpt))
+    poison = engine.vocab_size - 1
+    with torch.no_grad():
+        engine.model.embed_in.weight[poison] = float("nan")
+    app = create_app(engine, stop_engine_on_shutdown=False)
+    ids = engine.encode(PROMPT)
+    body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    async def go(c):
+        return await asyncio.gather(
+            c.post("/v1/completions", json={**body, "prompt": ids + [poison]}),
+            c.post("/v1/completions", json={**body, "prompt": ids + [poison], "stream": True}),
+            c.post("/v1/completions", json=body),
+        )
+
+    bad, bad_stream, ok = call(app, go)
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "internal_error"
+    events = bad_stream.text.split("\n\n")
+    assert json.loads(events[0][len("data: "):])["error"]["type"] == "internal_error" and events[1] == "data: [DONE]"
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 6
+    text = call(app, lambda c: c.get("/metrics")).text
+    assert 'mesh_requests_total{finish_reason="",status="500"} 2.0' in text
+    assert call(app, lambda c: c.get("/health")).status_code == 200, "the engine keeps serving"
+    engine.stop()
 
 
 def test_openai_client(app):

@@ -235,6 +235,26 @@ def test_abort_frees_the_row_at_the_next_step(engine):
     assert engine.pool.rows == [] and engine.pool.reserved == 0 and not engine.has_work()
 
 
+def test_non_finite_logits_fail_only_their_own_row(ckpt, refs):
+    """A poisoned token (NaN embedding) makes its own sequence's logits NaN: that sequence fails with an
+    error, and the others in the same batch finish with their normal text."""
+    eng = Engine(EngineConfig(model=ckpt), metrics=False)
+    used = {t for p in PROMPTS for t in eng.encode(p)} | {t for r in refs.values() for t in r[0]}
+    poison = next(t for t in range(eng.vocab_size - 1, 0, -1) if t not in used)
+    with torch.no_grad():
+        eng.model.embed_in.weight[poison] = float("nan")
+    good = eng.add_request([eng.encode(p) for p in PROMPTS[:3]], GREEDY, loops=2)
+    (bad,) = eng.add_request([eng.encode(PROMPTS[0]) + [poison]], GREEDY, loops=3)  # same prefill batch
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    (failed,) = [o for o in outs if o.seq is bad]
+    assert failed.finish_reason == "error" and "non-finite" in failed.error and bad.output_ids == []
+    for p, seq in zip(PROMPTS, good):
+        assert seq.finish_reason == "length" and same_greedy(seq.output_ids, refs[(p, 2)])
+    assert eng.pool.rows == [] and eng.pool.reserved == 0
+
+
 def test_logprobs_match_the_model(engine):
     ids = engine.encode(PROMPTS[2])
     (seq,) = engine.add_request([ids], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=True), loops=2)
