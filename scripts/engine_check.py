@@ -1,5 +1,6 @@
 """Check the serving engine on a device (CPU or CUDA) without HTTP: greedy tokens against
-MeshForCausalLM.generate in a busy mixed-depth batch, then decode tokens/s against generate().
+MeshForCausalLM.generate in a busy mixed-depth batch, seeded sampling alone and in a busy batch,
+then decode tokens/s against generate().
 
     python scripts/engine_check.py                                  # random 2+4R2+2 model, auto device
     python scripts/engine_check.py --model model/default --device cuda --dtype bfloat16
@@ -108,7 +109,20 @@ def main(argv=None) -> int:
     result["greedy_agreement"] = f"{agreed}/{compared}"
     print(f"greedy tokens equal to generate() in a mixed-depth batch: {agreed}/{compared}")
 
-    # 2. Decode speed: the engine against generate() on the same weights.
+    # 2. Seeded sampling: the same tokens alone and inside a busy batch of other depths.
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=123, max_tokens=24, ignore_eos=True, detokenize=False)
+    alone = engine.generate([prompts[0]], seeded, loops=cfg.max_loops)[0].token_ids
+    noise = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True, detokenize=False)
+    for ids, k in zip(prompts[1:], depths[1:]):
+        engine.add_request([ids], noise, loops=k)
+    engine.step()
+    (seq,) = engine.add_request([prompts[0]], seeded, loops=cfg.max_loops)
+    while engine.has_work():
+        engine.step()
+    result["seeded_sampling_batch_invariant"] = seq.output_ids == alone
+    print(f"seeded sampling: same tokens alone and in a busy batch: {seq.output_ids == alone}")
+
+    # 3. Decode speed: the engine against generate() on the same weights.
     loops = args.loops or cfg.default_loops
     speed = []
     for B in args.batch:
@@ -137,7 +151,7 @@ def main(argv=None) -> int:
     result["speed"] = speed
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0 if agreed == compared else 1
+    return 0 if agreed == compared and result["seeded_sampling_batch_invariant"] else 1
 
 
 if __name__ == "__main__":
