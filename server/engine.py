@@ -1,14 +1,21 @@
 """The engine: model + tokenizer + KV pool + scheduler + runner, stepped in a background thread.
 
-Two ways to drive it:
+Ways to drive it:
 
-    engine = Engine(EngineConfig(model="model/default"))
-    # synchronous, in this thread (tests, benchmarks):
-    out = engine.generate([[1, 2, 3]] * 32, SamplingParams(temperature=0, max_tokens=256), loops=2)
+    engine = Engine(EngineConfig(model="model/default"))  # or Engine(config, model=m, tokenizer=t, metrics=False)
+    # synchronous, in this thread (tests, benchmarks): whole requests ...
+    greedy = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True, detokenize=False)
+    outs = engine.generate([[1, 2, 3]] * 32, greedy, loops=2)        # -> [Completion]
+    # ... or single steps: each is one prefill of newly admitted rows or one decode token for all rows
+    seqs = engine.add_request([[1, 2, 3]] * 16, greedy, loops=1) + engine.add_request([[4, 5]] * 16, greedy, loops=4)
+    while engine.has_work():
+        engine.step()                                                  # -> [StepOutput]
     # serving: a thread runs steps; each request gets an asyncio queue of StepOutputs
     engine.start()
     handle = engine.submit([ids], params, loops=2)        # inside a running event loop
     async for out in handle: ...                           # handle.abort() frees its rows at once
+
+`engine.pool` is the depth-aware KV pool (`bytes_per_token(K)`, `allocated_bytes()`, `tier_rows(t)`).
 
 Requests join and leave between steps. add_request / abort only append to thread-safe queues that
 the engine thread drains at the start of each step, so the asyncio side never waits on the model.
