@@ -2,7 +2,7 @@
 
 Unknown fields are refused (400 naming the field), and OpenAI fields this server does not implement
 (`suffix`, `best_of`, `logit_bias`, penalties) are accepted only at their no-op values: nothing a
-client sends is silently ignored. Integer and boolean fields are strict ("5" is not 5).
+client sends is silently ignored. Number and boolean fields are strict ("5" is not 5, true is not 1).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from .sampling import MAX_LOGPROBS
 
@@ -39,8 +39,8 @@ class CompletionRequest(BaseModel):
     model: StrictStr | None = None
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    temperature: StrictFloat | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt | None = Field(None, ge=-1)
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
@@ -56,8 +56,8 @@ class CompletionRequest(BaseModel):
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
     logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
 
     @field_validator("stop")
     @classmethod

@@ -207,7 +207,9 @@ def test_stop_strings(app):
 BAD = [
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": 2.5}, "temperature"),
+    ({"temperature": "0.5"}, "temperature"),
     ({"top_p": 0}, "top_p"),
+    ({"top_p": True}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": "5"}, "max_tokens"),
