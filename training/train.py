@@ -331,9 +331,10 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
             set_rng_state(rngs[dd.rank], device)
         else:
             torch.manual_seed(tc.seed + 1000 * step + dd.rank)
-        if dd.main:
-            truncate_metrics(metrics_path, step)
     if dd.main:
+        # Records past the step we start from belong to a run that died after them (step 0 when it
+        # died before its first checkpoint): they are redone, so drop them.
+        truncate_metrics(metrics_path, step)
         write_json_atomic(out / "train_config.json", config_to_dict(cfg))
 
     if step >= tc.max_steps:
