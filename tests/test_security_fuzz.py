@@ -1,0 +1,147 @@
+"""Property-based fuzzing of the HTTP API (hypothesis), in-process: malformed and extreme requests to
+every endpoint never get a 5xx, every answer has the OpenAI shape (or is a well-formed completion or
+stream), and afterwards the engine is healthy, idle, and a normal request gets the right answer.
+
+The examples are derandomized so `make test` is repeatable; MESH_FUZZ_EXAMPLES=5000 fuzzes longer
+(with fresh random examples).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from server import Engine, EngineConfig
+from server.app import create_app
+from server_fixtures import build_checkpoint, reference_greedy
+
+EXAMPLES = int(os.environ.get("MESH_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="MESH_FUZZ_EXAMPLES" not in os.environ,
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+MAX_MODEL_LEN = 48
+
+# ---- strategies ------------------------------------------------------------------------------
+big_ints = st.one_of(st.integers(-5, 70), st.integers(-(2**70), 2**70), st.sampled_from([2**31, 2**63, 2**64, -(2**63) - 1]))
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e-300, 2.0, 2.0000001]))
+texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\x00", "\ud7ff", "🙂" * 10, "First Citizen:", "a" * 2000]))
+scalars = st.one_of(st.none(), st.booleans(), big_ints, floats, texts)
+json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                            st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                           max_leaves=12)
+token_lists = st.lists(st.one_of(st.integers(0, 300), big_ints), max_size=12)
+
+
+def field(plausible):
+    """Mostly values of the right type (edges included), sometimes any JSON value at all."""
+    return st.one_of(plausible, plausible, json_values)
+
+
+COMPLETION_FIELDS = {
+    "model": field(st.sampled_from(["tiny", "gpt-4", "", "../../etc/passwd", "/tmp"])),
+    "prompt": field(st.one_of(texts, st.lists(texts, max_size=3), token_lists, st.lists(token_lists, max_size=3))),
+    "max_tokens": field(st.one_of(st.integers(-2, 60), big_ints)),
+    "temperature": field(floats),
+    "top_p": field(floats),
+    "top_k": field(big_ints),
+    "stop": field(st.one_of(texts, st.lists(texts, max_size=10))),
+    "seed": field(big_ints),
+    "n": field(st.integers(-1, 20)),
+    "stream": field(st.booleans()),
+    "stream_options": field(st.fixed_dictionaries({}, optional={"include_usage": st.booleans(), "x": scalars})),
+    "logprobs": field(st.integers(-1, 7)),
+    "echo": field(st.booleans()),
+    "loops": field(st.one_of(st.integers(-1, 6), big_ints)),
+    "ignore_eos": field(st.booleans()),
+    "user": field(texts),
+    "suffix": field(texts),
+    "best_of": field(st.integers(-1, 3)),
+    "logit_bias": field(st.dictionaries(texts, floats, max_size=2)),
+    "presence_penalty": field(floats),
+    "frequency_penalty": field(floats),
+}
+completion_bodies = st.fixed_dictionaries({}, optional={**COMPLETION_FIELDS, "unknown_field": json_values})
+raw_bodies = st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"{", b"null", b"[]", b'{"prompt": NaN}', b"\xff\xfe",
+                                                                b'{"prompt": "a", "prompt": [1]}', b'{"prompt": ' + b"[" * 5000]))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def client(ckpt):
+    engine = Engine(EngineConfig(model=ckpt, max_model_len=MAX_MODEL_LEN, max_batch_size=16, max_waiting=32))
+    with TestClient(create_app(engine), raise_server_exceptions=False) as c:
+        yield c
+
+
+def check(r, stream: bool = False) -> None:
+    """No 5xx; an error has the OpenAI shape; a success is a well-formed completion or stream."""
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+        return
+    if stream:
+        events = [e[len("data: "):] for e in r.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        for e in events[:-1]:
+            assert "error" not in json.loads(e), e
+    elif r.headers["content-type"].startswith("application/json"):
+        r.json()
+
+
+@FUZZ
+@given(body=completion_bodies)
+def test_fuzz_completions_fields(client, body):
+    # json.dumps writes NaN and Infinity, which Python's JSON parser (the server's) accepts
+    r = client.post("/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+    check(r, stream=r.headers.get("content-type", "").startswith("text/event-stream"))
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]), content=raw_bodies,
+       content_type=st.sampled_from(["application/json", "text/plain", "", "application/json; charset=latin-1"]))
+def test_fuzz_raw_bodies(client, path, content, content_type):
+    check(client.post(path, content=content, headers={"content-type": content_type} if content_type else {}))
+
+
+@FUZZ
+@given(path=st.sampled_from(["/tokenize", "/detokenize"]),
+       body=st.fixed_dictionaries({}, optional={"model": field(texts), "prompt": field(texts), "tokens": field(token_lists),
+                                                "add_special_tokens": field(st.booleans()), "x": json_values}))
+def test_fuzz_tokenize_detokenize(client, path, body):
+    check(client.post(path, content=json.dumps(body), headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+       path=st.one_of(st.sampled_from(["/v1/models", "/health", "/metrics", "/v1/completions", "/v1/models/tiny", "/v1/chat/completions"]),
+                      st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="?#"), max_size=30).map(lambda s: "/" + s)),
+       request_id=st.binary(max_size=200).filter(lambda b: b"\r" not in b and b"\n" not in b))
+def test_fuzz_methods_paths_and_headers(client, method, path, request_id):
+    check(client.request(method, path, headers={"X-Request-Id": request_id}))
+
+
+def test_after_fuzzing_the_engine_is_healthy_idle_and_right(client):
+    """Runs last in this module: the same engine has taken every fuzzed request above."""
+    engine = client.app.state.engine
+    assert client.get("/health").status_code == 200 and engine.alive
+    metrics = client.get("/metrics").text
+    for gauge in ("mesh_requests_running 0.0", "mesh_requests_waiting 0.0", "mesh_kv_cache_usage_ratio 0.0"):
+        assert gauge in metrics.splitlines(), gauge
+    assert 'status="5' not in metrics
+    ids = engine.encode("First Citizen:")
+    for loops in (1, 4):
+        r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 16, "temperature": 0, "loops": loops,
+                                                 "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        ref, reliable = reference_greedy(engine.model, ids, loops, 16)
+        assert reliable == 16
+        assert r.json()["choices"][0]["text"] == engine.decode(ref)
