@@ -76,4 +76,4 @@ def test_greedy_is_identical_everywhere_on_the_default_model(app):
     alone, streamed, busy = asyncio.run(go())
     for job in jobs:
         assert alone[job] == streamed[job] == busy[job] == ref[job], job
-    assert len({ref[(PROMPTS[0], k)] for k in range(1, max_loops + 1)}) > 1, "depths should not all agree"
+    assert any(len({ref[(p, k)] for k in range(1, max_loops + 1)}) > 1 for p in PROMPTS), "loops changes nothing?"
