@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 FLAGS = [
     # (flag, type, default, help)
@@ -30,6 +32,14 @@ FLAGS = [
     ("--threads", int, 0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores). On a "
                           "busy or small machine 1 is often fastest: decode steps are many small operations"),
     ("--log-level", str, "info", "debug, info, warning or error"),
+    # Reliability and security (docs/RELIABILITY.md)
+    ("--api-key-file", str, None, "file of API keys, one per line (# comments); with keys set, every path but "
+                                  "/health, the docs and /metrics needs 'Authorization: Bearer <key>'"),
+    ("--max-request-bytes", int, 4 * 2**20, "largest request body accepted; larger ones get 413"),
+    ("--request-timeout", float, 600.0, "seconds from arrival after which a completion is aborted with 408 "
+                                        "(an error event in a stream); 0 = no limit"),
+    ("--shutdown-grace", float, 30.0, "on SIGTERM: seconds in-flight requests (streams included) get to finish "
+                                      "while new ones are refused; then they are cut and the server exits"),
 ]
 CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--log-level": ("debug", "info", "warning", "error")}
 
@@ -51,7 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, type_, default, help_ in FLAGS:
         parser.add_argument(flag, type=type_, default=default, choices=CHOICES.get(flag),
                             help=f"{help_} [{env_name(flag)}]")
+    # Keys are never shown: no default in --help, and MESH_API_KEY is read after parsing.
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help="require this Bearer key (repeat for several keys; merged with --api-key-file) "
+                             "[MESH_API_KEY, one key; prefer it or the file: flags show up in `ps`]")
+    parser.add_argument("--metrics-require-key", action="store_true",
+                        help="/metrics needs the key too (default: open, for Prometheus) [MESH_METRICS_REQUIRE_KEY=1]")
     return parser
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from --api-key (or MESH_API_KEY) and --api-key-file; ValueError (one line, no key shown) when bad."""
+    from .security import check_key, read_key_file
+
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("MESH_API_KEY", "").strip():
+        keys = [os.environ["MESH_API_KEY"].strip()]
+    keys = [check_key(k, "--api-key") for k in keys]
+    if args.api_key_file:
+        keys += read_key_file(args.api_key_file)
+    return keys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if os.environ.get("MESH_METRICS_REQUIRE_KEY", "").strip().lower() in ("1", "true", "yes"):
+        args.metrics_require_key = True
+    for flag in ("max_request_bytes", "request_timeout", "shutdown_grace"):
+        if getattr(args, flag) < 0 or (flag == "max_request_bytes" and args.max_request_bytes < 1):
+            parser.error(f"--{flag.replace('_', '-')} must be {'>= 1' if flag == 'max_request_bytes' else '>= 0'}, "
+                         f"got {getattr(args, flag)}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     return args
@@ -89,6 +124,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     try:
+        keys = api_keys(args)  # before the model loads: a bad key file fails fast
         config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
             kv_cache_mb=args.kv_cache_mb, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
@@ -105,14 +141,44 @@ def main(argv=None) -> int:
         engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device, torch.get_num_threads(),
         str(engine.dtype).replace("torch.", ""), engine.max_model_len, config.kv_cache_mb, args.host, args.port,
     )
+    log = logging.getLogger("server")
+    log.info("API keys: %s; /metrics %s; request body <= %d bytes; request timeout %s; shutdown grace %g s",
+             f"{len(keys)} configured" if keys else "none (open to anyone who can reach the port)",
+             "needs a key" if keys and args.metrics_require_key else "open", args.max_request_bytes,
+             f"{args.request_timeout:g} s" if args.request_timeout else "none", args.shutdown_grace)
+    app = create_app(engine, api_keys=keys, metrics_require_key=args.metrics_require_key,
+                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout or None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: uvicorn stops accepting and drains connections;
+            app.state.draining = True  # a request on a kept-alive connection meanwhile gets 503
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.shutdown_grace))
+    threading.Thread(target=watch_engine, args=(engine, server), name="engine-watchdog", daemon=True).start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the handler it found
     # at start; a no-op one lets a graceful shutdown end with exit status 0 instead of death by signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after its graceful shutdown
         pass
-    return 0
+    if engine.error is not None:
+        print(f"python -m server: error: the engine stopped ({type(engine.error).__name__}: {engine.error})", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+def watch_engine(engine, server, interval: float = 0.2) -> None:
+    """If the engine thread dies, shuts the server down (exit status 1) instead of answering 503 forever:
+    a supervisor (systemd, Kubernetes) then restarts it. Requests in flight already got an error."""
+    while not server.should_exit:
+        if engine.error is not None:
+            logging.getLogger("server").error("the engine thread died: shutting down")
+            server.should_exit = True
+            return
+        time.sleep(interval)
 
 
 if __name__ == "__main__":

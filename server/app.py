@@ -15,7 +15,9 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -36,11 +38,13 @@ from .protocol import (
     usage,
 )
 from .sampling import SamplingParams
+from .security import ApiKeyMiddleware, BodyLimitMiddleware
 
 log = logging.getLogger("server.app")
 
 COMPLETIONS = "/v1/completions"
 RETRY_AFTER_S = 1
+MAX_REQUEST_BYTES = 4 * 2**20  # default request-body limit (--max-request-bytes)
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo and log
 
 
@@ -72,7 +76,13 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(engine: Engine, stop_engine_on_shutdown: bool = True) -> FastAPI:
+def create_app(engine: Engine, stop_engine_on_shutdown: bool = True, *, api_keys: Sequence[str] = (),
+               metrics_require_key: bool = False, max_request_bytes: int = MAX_REQUEST_BYTES,
+               request_timeout: float | None = None) -> FastAPI:
+    """`api_keys`: Bearer keys required on every path but /health, the docs and (unless
+    `metrics_require_key`) /metrics (security.py). `request_timeout`: seconds from arrival after which a
+    completion is aborted with 408 (or an error event in a stream); None = no limit. While
+    `app.state.draining` is set (SIGTERM, see __main__), /health and new completions answer 503."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -83,8 +93,19 @@ def create_app(engine: Engine, stop_engine_on_shutdown: bool = True) -> FastAPI:
     app = FastAPI(title="mesh-serve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions for MeSH recursive transformers, with per-request `loops`.")
     app.state.engine = engine
-    app.add_middleware(RequestIdMiddleware)
+    app.state.draining = False
     metrics = engine.metrics
+
+    def count_rejected(path: str, status: int) -> None:  # rejections by the middleware below
+        if metrics is not None and path == COMPLETIONS:
+            metrics.requests.labels(status=str(status), finish_reason="").inc()
+
+    # Outermost last: request id, then the key check (before any body is read), then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes, on_reject=count_rejected)
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=list(api_keys), metrics_require_key=metrics_require_key,
+                           on_reject=count_rejected)
+    app.add_middleware(RequestIdMiddleware)
     cfg = engine.model.config
 
     def count(status: int, finish_reason: str = "") -> None:
@@ -151,6 +172,8 @@ def create_app(engine: Engine, stop_engine_on_shutdown: bool = True) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if app.state.draining:
+            return JSONResponse(error_body("the server is shutting down", "service_unavailable"), status_code=503)
         if engine.alive:
             return {"status": "ok"}
         return JSONResponse(error_body("the engine is not running", "service_unavailable"), status_code=503)
@@ -178,6 +201,9 @@ def create_app(engine: Engine, stop_engine_on_shutdown: bool = True) -> FastAPI:
     # ---- completions --------------------------------------------------------------------------
     @app.post(COMPLETIONS)
     async def completions(req: CompletionRequest, request: Request):
+        if app.state.draining:  # new connections are refused by then; this covers kept-alive ones
+            raise ApiError(503, "the server is shutting down; retry on another replica", "service_unavailable",
+                           code="shutting_down")
         check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
@@ -201,7 +227,10 @@ def create_app(engine: Engine, stop_engine_on_shutdown: bool = True) -> FastAPI:
             raise ApiError(503, str(e), "service_unavailable") from None
         if metrics is not None:
             metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        if request_timeout:
+            handle.deadline = time.monotonic() + request_timeout
         ctx = _Context(engine, req, prompts, texts, handle)
+        ctx.timeout = request_timeout
         if req.stream:
             return StreamingResponse(stream(ctx, count), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -230,6 +259,7 @@ class _Context:
         self.engine, self.req, self.prompts, self.handle = engine, req, prompts, handle
         self.id, self.created = completion_id(), now()
         self.n = req.n
+        self.timeout: float | None = None  # --request-timeout, for the error message
         self.loops = handle.seqs[0].loops
         # echo: the prompt text exactly as sent, or decoded when given as token ids
         self.prompt_texts = [t if t is not None else engine.decode(p) for t, p in zip(texts, prompts)]
@@ -302,6 +332,10 @@ async def complete(ctx: _Context, request: Request, count) -> JSONResponse | Res
     if not consumer.done() or consumer.cancelled():
         count(499, "abort")  # the client left: nobody reads this response
         return Response(status_code=499)
+    if isinstance(consumer.exception(), asyncio.TimeoutError):
+        ctx.handle.abort()
+        count(408)
+        return JSONResponse(_timeout_body(ctx), status_code=408)
     consumer.result()
     if error is not None:
         count(500)
@@ -315,6 +349,11 @@ async def complete(ctx: _Context, request: Request, count) -> JSONResponse | Res
     return JSONResponse({**ctx.base(), "choices": choices, "usage": ctx.usage(), "loops": ctx.loops})
 
 
+def _timeout_body(ctx: _Context) -> dict:
+    return error_body(f"the request did not finish within {ctx.timeout:g} s (the server's --request-timeout); "
+                      "ask for fewer tokens or retry later", "timeout_error", None, "request_timeout")
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -325,7 +364,7 @@ async def stream(ctx: _Context, count):
     include_usage = bool(ctx.req.stream_options and ctx.req.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
     reasons: list[str] = []
-    status = 499  # until the stream ends normally (200) or with an error event (500)
+    status = 499  # until the stream ends normally (200) or with an error event (500, 408)
     try:
         if ctx.req.echo:
             for seq in ctx.handle.seqs:
@@ -333,23 +372,27 @@ async def stream(ctx: _Context, count):
                 lp = ctx.lp[seq.index].take() if ctx.want_lp else None
                 yield _sse({**ctx.base(), "choices": [{"index": seq.index, "text": text, "logprobs": lp,
                                                        "finish_reason": None}], "loops": ctx.loops, **extra})
-        async for out in ctx.handle:
-            if out.error is not None:
-                status = 500
-                yield _sse(error_body(f"generation failed: {out.error}", "internal_error"))
-                break
-            ctx.add_logprobs(out)
-            if not out.text and not out.finished and not (ctx.want_lp and out.logprobs):
-                continue  # nothing new to show yet (an unfinished character, or a held-back stop prefix)
-            if out.finished:
-                reasons.append(out.finish_reason)
-            lp = ctx.lp[out.seq.index].take() if ctx.want_lp else None
-            yield _sse({**ctx.base(), "choices": [{"index": out.seq.index, "text": out.text, "logprobs": lp,
-                                                   "finish_reason": out.finish_reason}], "loops": ctx.loops, **extra})
-        else:
-            status = 200
-            if include_usage:
-                yield _sse({**ctx.base(), "choices": [], "usage": ctx.usage(), "loops": ctx.loops})
+        try:
+            async for out in ctx.handle:
+                if out.error is not None:
+                    status = 500
+                    yield _sse(error_body(f"generation failed: {out.error}", "internal_error"))
+                    break
+                ctx.add_logprobs(out)
+                if not out.text and not out.finished and not (ctx.want_lp and out.logprobs):
+                    continue  # nothing new to show yet (an unfinished character, or a held-back stop prefix)
+                if out.finished:
+                    reasons.append(out.finish_reason)
+                lp = ctx.lp[out.seq.index].take() if ctx.want_lp else None
+                yield _sse({**ctx.base(), "choices": [{"index": out.seq.index, "text": out.text, "logprobs": lp,
+                                                       "finish_reason": out.finish_reason}], "loops": ctx.loops, **extra})
+            else:
+                status = 200
+                if include_usage:
+                    yield _sse({**ctx.base(), "choices": [], "usage": ctx.usage(), "loops": ctx.loops})
+        except asyncio.TimeoutError:  # --request-timeout: an error event, then [DONE]; `finally` aborts
+            status = 408
+            yield _sse(_timeout_body(ctx))
         yield "data: [DONE]\n\n"
     finally:
         ctx.handle.abort()  # no-op when every choice finished

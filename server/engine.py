@@ -39,6 +39,7 @@ from model import MeshForCausalLM
 
 from .detokenizer import Detokenizer
 from .kv_pool import KVPool
+from .loading import load_checkpoint
 from .metrics import Metrics
 from .model_runner import ModelRunner
 from .sampling import BatchSampling, SamplingParams, sample, token_logprobs
@@ -112,18 +113,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load(path: str | Path, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) from a checkpoint directory, with one-line errors for what is missing."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"model directory {path} does not exist")
-    for name in ("config.json", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise ValueError(f"{path} has no {name} (expected a checkpoint saved with save_pretrained plus its tokenizer)")
-    model = MeshForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    return model, tokenizer
+    """(model, tokenizer) from a checkpoint directory: safetensors only, checked, one-line errors (loading.py)."""
+    return load_checkpoint(path, device, dtype)
 
 
 class RequestHandle:
@@ -135,6 +126,7 @@ class RequestHandle:
         self.seqs: list[Sequence] = []
         self.unfinished = 0
         self.aborted = False
+        self.deadline: float | None = None  # time.monotonic() past which iterating raises TimeoutError
 
     def abort(self) -> None:
         """Frees this request's rows at the next step boundary (client gone, error elsewhere)."""
@@ -148,7 +140,16 @@ class RequestHandle:
     async def __anext__(self) -> StepOutput:
         if self.unfinished == 0:
             raise StopAsyncIteration
-        out = await self.queue.get()
+        # The per-request timeout (--request-timeout): past the deadline this raises asyncio.TimeoutError,
+        # and the caller aborts the request.
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise asyncio.TimeoutError
+        if not self.queue.empty():
+            out = self.queue.get_nowait()
+        elif self.deadline is None:
+            out = await self.queue.get()
+        else:
+            out = await asyncio.wait_for(self.queue.get(), self.deadline - time.monotonic())
         if out.finished:
             self.unfinished -= 1
         return out
@@ -272,6 +273,8 @@ class Engine:
                 seqs.append(Sequence(ids, params, loops, request_id=request_id, index=p * n + i,
                                      generator=params.generator(self.device, offset=i), sink=sink, detok=detok))
         with self._lock:
+            if self.error is not None or self._stopping:  # checked again under the lock the dying loop takes
+                raise EngineDead("the engine has stopped")
             if self.num_waiting + len(seqs) > self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.num_waiting} of {self.config.max_waiting} places taken)")
             self.num_waiting += len(seqs)
@@ -378,6 +381,63 @@ class Engine:
 
     @torch.inference_mode()
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        outputs = []
+        try:
+            tokens, lp_rows = self._choose(seqs, logits)
+        except Exception:  # a fault in one row's sampling must not fail its neighbours: each row alone
+            log.exception("sampling failed for a batch of %d sequences: retrying each alone", len(seqs))
+            tokens, lp_rows, keep = [], {}, []
+            for i, seq in enumerate(seqs):
+                try:
+                    (tok,), lp = self._choose([seq], logits[i : i + 1])
+                except Exception as e:
+                    outputs.append(self._fail(seq, e))
+                    continue
+                if lp:
+                    lp_rows[len(keep)] = lp[0]
+                keep.append(seq)
+                tokens.append(tok)
+            seqs = keep  # (the others' seeded draws of this one step may differ from a fault-free run)
+        now = time.perf_counter()
+        m = self.metrics
+        per_loops: dict[int, int] = {}
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            try:
+                seq.output_ids.append(tok)
+                if m is not None:
+                    (m.ttft.observe(now - seq.arrival) if len(seq.output_ids) == 1 else m.itl.observe(now - seq.last_token_at))
+                    per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
+                if len(seq.output_ids) == 1:
+                    seq.first_token_at = now
+                seq.last_token_at = now
+                p = seq.params
+                reason = None
+                if tok == self.eos_token_id and not p.ignore_eos:
+                    reason = "stop"
+                elif seq.detok is not None and seq.detok.add(tok):
+                    reason = "stop"  # a stop string
+                if reason is None and len(seq.output_ids) >= p.max_tokens:
+                    reason = "length"
+                text = seq.detok.delta(final=reason is not None) if seq.detok is not None else ""
+                if reason is not None:
+                    self._finish(seq, reason)
+                outputs.append(StepOutput(seq, [tok], text, lp_rows.get(i), reason))
+            except Exception as e:  # e.g. this row's detokenizer: only this row fails
+                if seq.status is not Status.FINISHED:
+                    outputs.append(self._fail(seq, e))
+        if m is not None:
+            for k, c in per_loops.items():
+                m.count_generated(k, c)
+        return outputs
+
+    def _fail(self, seq: Sequence, e: Exception) -> StepOutput:
+        """Ends one sequence with finish_reason "error" (its request gets a 5xx or an error event)."""
+        log.error("request %s (choice %d) failed: %s: %s", seq.request_id, seq.index, type(e).__name__, e, exc_info=e)
+        self._finish(seq, "error")
+        return StepOutput(seq, [], "", None, "error", error=f"{type(e).__name__}: {e}")
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, list]]:
+        """Each row's next token and, when asked, its logprobs: row i -> tokens[i], lp_rows[i]."""
         tokens_t = sample(logits, self._batch_sampling(seqs))
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lp_rows = {}
@@ -389,35 +449,7 @@ class Engine:
             for j, i in enumerate(want):
                 kk = seqs[i].params.logprobs
                 lp_rows[i] = [(chosen[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))]
-        tokens = tokens_t.tolist()
-        now = time.perf_counter()
-        m = self.metrics
-        outputs = []
-        per_loops: dict[int, int] = {}
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            seq.output_ids.append(tok)
-            if m is not None:
-                (m.ttft.observe(now - seq.arrival) if len(seq.output_ids) == 1 else m.itl.observe(now - seq.last_token_at))
-                per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
-            if len(seq.output_ids) == 1:
-                seq.first_token_at = now
-            seq.last_token_at = now
-            p = seq.params
-            reason = None
-            if tok == self.eos_token_id and not p.ignore_eos:
-                reason = "stop"
-            elif seq.detok is not None and seq.detok.add(tok):
-                reason = "stop"  # a stop string
-            if reason is None and len(seq.output_ids) >= p.max_tokens:
-                reason = "length"
-            text = seq.detok.delta(final=reason is not None) if seq.detok is not None else ""
-            outputs.append(StepOutput(seq, [tok], text, lp_rows.get(i), reason))
-            if reason is not None:
-                self._finish(seq, reason)
-        if m is not None:
-            for k, c in per_loops.items():
-                m.count_generated(k, c)
-        return outputs
+        return tokens_t.tolist(), lp_rows
 
     def _prompt_logprobs(self, seqs: list[Sequence], prompt_logits: list) -> None:
         """Per prompt token: None for the first, else (logprob, top list) under the preceding context."""
@@ -466,7 +498,8 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stops the thread; sequences still queued or running end with finish_reason "abort"."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -481,19 +514,29 @@ class Engine:
                 self._deliver(self.step())
             self._deliver(self._abort_all())
         except BaseException as e:  # the loop itself broke: report, fail everyone, let /health say 503
-            self.error = e
+            with self._lock:  # add_request checks `error` under the lock: nothing joins after the sweep below
+                self.error = e
             log.exception("engine thread died")
-            try:
-                self._deliver(self._abort_all(reason="error", error=f"engine stopped: {type(e).__name__}: {e}"))
-            except Exception:
-                pass
+            self._deliver(self._abort_all(reason="error", error=f"engine stopped: {type(e).__name__}: {e}"))
 
     @torch.inference_mode()
     def _abort_all(self, reason: str = "abort", error: str | None = None) -> list[StepOutput]:
-        self._drain()
+        """Ends every queued and running sequence. Each gets its last output even when the bookkeeping
+        fails, since this also runs after the loop itself broke (a request must never wait forever)."""
+        with self._lock:
+            seqs = list(self._inbox)
+            self._inbox.clear()
+        self._aborts.clear()
+        seqs += list(self.scheduler.waiting) + list(self.pool.rows)
         outputs = []
-        for seq in list(self.scheduler.waiting) + list(self.pool.rows):
-            self._finish(seq, reason)
+        for seq in seqs:
+            if seq.status is Status.FINISHED:
+                continue
+            try:
+                self._finish(seq, reason)
+            except Exception:
+                log.exception("could not free sequence %s cleanly", seq)
+                seq.status, seq.finish_reason = Status.FINISHED, reason
             outputs.append(StepOutput(seq, [], "", None, reason, error=error))
         return outputs
 
