@@ -16,6 +16,7 @@ from .sampling import MAX_LOGPROBS
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 8  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string (a stream holds back that many characters)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | int | None = None) -> dict:
@@ -67,6 +68,8 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
         return v
 
     @field_validator("suffix")
