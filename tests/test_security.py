@@ -1,0 +1,220 @@
+"""Authentication and request limits: Bearer API keys (constant-time, default deny, /health open, /metrics
+open or not), keys from flags / a file / MESH_API_KEY and never in logs (a real server subprocess), the
+request-body limit (413, Content-Length or chunked), stop-string length, and request `model` fields
+that are never paths.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from server import Engine, EngineConfig
+from server import __main__ as cli
+from server import security
+from server.app import create_app
+from server_fixtures import build_checkpoint
+
+KEYS = ["key-one-0123456789", "key-two-abcdefghij"]
+BODY = {"prompt": "First Citizen:", "max_tokens": 3, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    engine = Engine(EngineConfig(model=ckpt, max_batch_size=8))
+    yield engine
+    engine.stop()
+
+
+def client_for(engine, **kw) -> TestClient:
+    return TestClient(create_app(engine, stop_engine_on_shutdown=False, **kw), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def keyed(engine):
+    with client_for(engine, api_keys=KEYS, max_request_bytes=4096) as c:
+        yield c
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_401(r) -> None:
+    assert r.status_code == 401, (r.status_code, r.text)
+    assert r.json() == {"error": {"message": "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                                  "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    assert r.headers["www-authenticate"] == "Bearer" and r.headers["x-request-id"]
+    for key in KEYS:
+        assert key not in r.text
+
+
+API = [("POST", "/v1/completions", BODY), ("GET", "/v1/models", None), ("GET", "/v1/models/tiny", None),
+       ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [5]}), ("GET", "/no/such/path", None),
+       ("POST", "/v1/chat/completions", BODY)]
+
+
+@pytest.mark.parametrize("method,path,body", API, ids=[p for _, p, _ in API])
+def test_every_api_path_needs_a_valid_bearer_key(keyed, method, path, body):
+    call = lambda headers: keyed.request(method, path, json=body, headers=headers)  # noqa: E731
+    for headers in ({}, bearer("wrong-key-000"), bearer(KEYS[0][:-1]), bearer(KEYS[0] + "x"), bearer(""),
+                    {"Authorization": f"Basic {KEYS[0]}"}, {"Authorization": KEYS[0]},
+                    {"Authorization": f"Bearer {KEYS[0]} {KEYS[1]}"}, {"X-Api-Key": KEYS[0]}):
+        assert_401(call(headers))
+    for key in KEYS:  # either key; the scheme is case-insensitive
+        for headers in (bearer(key), {"Authorization": f"bearer  {key}"}):
+            r = call(headers)
+            assert r.status_code == (404 if path in ("/no/such/path", "/v1/chat/completions") else 200), (headers, r.text)
+
+
+def test_health_docs_and_metrics_stay_open(keyed, engine):
+    assert keyed.get("/health").json() == {"status": "ok"}
+    assert keyed.get("/openapi.json").status_code == 200 and keyed.get("/docs").status_code == 200
+    r = keyed.get("/metrics")
+    assert r.status_code == 200 and "mesh_requests_running" in r.text
+    with client_for(engine, api_keys=KEYS, metrics_require_key=True) as strict:
+        assert_401(strict.get("/metrics"))
+        assert strict.get("/metrics", headers=bearer(KEYS[1])).status_code == 200
+        assert strict.get("/health").status_code == 200
+
+
+def test_rejections_are_counted_and_streams_work_with_a_key(keyed):
+    def rejected() -> float:
+        for line in keyed.get("/metrics").text.splitlines():
+            if line.startswith('mesh_requests_total{finish_reason="",status="401"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = rejected()
+    assert_401(keyed.post("/v1/completions", json=BODY))
+    assert rejected() == before + 1
+    r = keyed.post("/v1/completions", json={**BODY, "stream": True}, headers=bearer(KEYS[0]))
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+
+
+def test_keys_are_compared_in_constant_time_against_every_key(keyed, monkeypatch):
+    calls = []
+    real = security.hmac.compare_digest
+    monkeypatch.setattr(security.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    assert keyed.get("/v1/models", headers=bearer(KEYS[0])).status_code == 200
+    assert [b for _, b in calls] == [k.encode() for k in KEYS], "no early exit on the first match"
+    calls.clear()
+    assert keyed.get("/v1/models", headers=bearer("guess")).status_code == 401
+    assert len(calls) == len(KEYS)
+
+
+def test_openai_client_with_and_without_the_key(keyed):
+    def client(key):
+        return openai.OpenAI(base_url=str(keyed.base_url) + "/v1", api_key=key, http_client=keyed, max_retries=0)
+
+    res = client(KEYS[1]).completions.create(model="tiny", prompt="First Citizen:", max_tokens=3, extra_body={"loops": 2})
+    assert res.usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError) as e:
+        client("sk-wrong").completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+
+
+# ---- limits ----------------------------------------------------------------------------------
+def test_request_body_limit(keyed):
+    auth = bearer(KEYS[0])
+    big = json.dumps({**BODY, "prompt": "a" * 5000}).encode()
+    r = keyed.post("/v1/completions", content=big, headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and "4096 bytes" in r.json()["error"]["message"]
+
+    def chunks(data: bytes):  # no Content-Length: chunked transfer, counted as it arrives
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    r = keyed.post("/v1/completions", content=chunks(big), headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 413
+    small = json.dumps({**BODY, "prompt": "First " * 300, "max_tokens": 1}).encode()  # chunked, under the limit
+    r = keyed.post("/v1/completions", content=chunks(small), headers={**auth, "content-type": "application/json"})
+    assert r.status_code in (200, 400) and r.json().get("error", {}).get("param") in (None, "prompt"), r.text
+    r = keyed.post("/v1/completions", content=b"{}", headers={**auth, "content-type": "application/json", "content-length": "x"})
+    assert r.status_code == 400
+    # the key is checked before the body is read: a large unauthenticated body is a 401, not a 413
+    assert_401(keyed.post("/v1/completions", content=big, headers={"content-type": "application/json"}))
+
+
+def test_stop_strings_are_bounded(keyed):
+    auth = bearer(KEYS[0])
+    r = keyed.post("/v1/completions", json={**BODY, "stop": "x" * 257}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "256" in r.json()["error"]["message"]
+    r = keyed.post("/v1/completions", json={**BODY, "stop": ["s"] * 9}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    assert keyed.post("/v1/completions", json={**BODY, "stop": "x" * 256}, headers=auth).status_code == 200
+
+
+def test_the_model_field_is_a_name_never_a_path(keyed, engine, ckpt, tmp_path):
+    other = build_checkpoint(tmp_path / "other", layout="1+1R2+1", seed=1)
+    for name in (str(other), str(ckpt), "../tiny", str(tmp_path)):
+        r = keyed.post("/v1/completions", json={**BODY, "model": name}, headers=bearer(KEYS[0]))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", name
+    assert engine.model_path == ckpt
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+def test_keys_from_flags_file_and_environment(tmp_path, monkeypatch):
+    f = tmp_path / "keys.txt"
+    f.write_text("# team keys\nfile-key-1\n\n  file-key-2  \n")
+    monkeypatch.setenv("MESH_API_KEY", "env-key")
+    assert cli.api_keys(cli.parse_args([])) == ["env-key"]
+    assert cli.api_keys(cli.parse_args(["--api-key", "a-key", "--api-key", "b-key"])) == ["a-key", "b-key"], "flags win"
+    assert cli.api_keys(cli.parse_args(["--api-key-file", str(f)])) == ["env-key", "file-key-1", "file-key-2"]
+    monkeypatch.setenv("MESH_API_KEY_FILE", str(f))
+    monkeypatch.delenv("MESH_API_KEY")
+    assert cli.api_keys(cli.parse_args([])) == ["file-key-1", "file-key-2"]
+    assert "env-key" not in cli.build_parser().format_help()
+    monkeypatch.setenv("MESH_METRICS_REQUIRE_KEY", "1")
+    assert cli.parse_args([]).metrics_require_key
+
+
+@pytest.mark.parametrize("argv,content,needle", [
+    (["--api-key-file", "{dir}/missing"], None, "cannot be read"),
+    (["--api-key-file", "{dir}/keys"], "# only a comment\n", "holds no key"),
+    (["--api-key-file", "{dir}/keys"], "good-key\nbad key with spaces\n", "line 2"),
+    (["--api-key", "has space"], None, "printable ASCII"),
+    (["--request-timeout", "-1"], None, "--request-timeout"),
+    (["--max-request-bytes", "0"], None, "--max-request-bytes"),
+])
+def test_bad_key_settings_give_a_one_line_error_without_the_key(tmp_path, capsys, monkeypatch, argv, content, needle):
+    monkeypatch.delenv("MESH_API_KEY", raising=False)
+    if content is not None:
+        (tmp_path / "keys").write_text(content)
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv] + ["--model", "/no/such/dir"]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err.splitlines()[-1] and "Traceback" not in err, err
+    assert "bad key" not in err and "has space" not in err.splitlines()[-1]
+
+
+def test_real_server_with_keys_never_logs_them(serve, ckpt, tmp_path):
+    (tmp_path / "keys").write_text("file-key-777777\n")
+    server = serve(["--model", str(ckpt), "--api-key-file", str(tmp_path / "keys"), "--log-level", "debug"],
+                   env={"MESH_API_KEY": "env-key-555555"})
+    guess = "sk-guessed-key-999"
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.post("/v1/completions", json=BODY).status_code == 401
+        assert c.post("/v1/completions", json=BODY, headers=bearer(guess)).status_code == 401
+        for key in ("env-key-555555", "file-key-777777"):
+            assert c.post("/v1/completions", json=BODY, headers=bearer(key)).status_code == 200
+            assert c.post("/v1/completions", json={**BODY, "stream": True}, headers=bearer(key)).status_code == 200
+        assert c.post("/tokenize", json={"prompt": "x"}, headers=bearer(guess)).status_code == 401
+    assert server.terminate() == 0
+    log = server.log()
+    assert "API keys: 2 configured" in log and "POST /v1/completions" in log  # it did log the requests
+    for secret in ("env-key-555555", "file-key-777777", guess):
+        assert secret not in log
