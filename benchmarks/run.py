@@ -23,7 +23,7 @@ SECTIONS = ("decode", "depth", "mixed", "serving")
 PLANS = {
     "full": dict(new_tokens=256, reps=5, warmup_tokens=32, rounds=8, steps=8, batches=(1, 32),
                  serving=dict(concurrency=(1, 4, 16, 32, 64), rates=(1.0, 2.0, 4.0, 8.0), max_tokens=128,
-                              per_level=lambda c: max(8, 2 * c), per_rate=32)),
+                              per_level=lambda c: max(16, 4 * c), per_rate=32)),
     "quick": dict(new_tokens=64, reps=3, warmup_tokens=8, rounds=4, steps=4, batches=(1, 32),
                   serving=dict(concurrency=(1, 4, 16, 32), rates=(2.0, 8.0), max_tokens=32,
                                per_level=lambda c: max(4, c), per_rate=16)),
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     for section in sections:
         t0 = time.perf_counter()
         print(f"[{section}] running ({plan_name}) ...", file=sys.stderr, flush=True)
+        results.setdefault("load_average_at_section_start", {})[section] = common.load_average()
         if section == "decode":
             from . import decode
 
