@@ -130,6 +130,9 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
     files = weight_files(path)
     check_tensors(config, files)
     tokenizer = load_tokenizer(path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr stays clean: an error is the last and only line
     try:
         model = MeshForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except Exception as e:
