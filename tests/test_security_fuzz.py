@@ -65,6 +65,19 @@ COMPLETION_FIELDS = {
     "frequency_penalty": field(floats),
 }
 completion_bodies = st.fixed_dictionaries({}, optional={**COMPLETION_FIELDS, "unknown_field": json_values})
+# In range on every field, so most reach the engine: odd texts, token ids, extreme seeds, every option.
+ids = st.lists(st.integers(0, 299), min_size=1, max_size=10)
+words = st.text(min_size=1, max_size=30)
+valid_bodies = st.fixed_dictionaries(
+    {"prompt": st.one_of(words, ids, st.lists(ids, min_size=1, max_size=3), st.lists(words, min_size=1, max_size=3))},
+    optional={
+        "model": st.just("tiny"), "max_tokens": st.integers(1, 30), "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1, exclude_min=True), "top_k": st.integers(-1, 400),
+        "stop": st.one_of(st.text(min_size=1, max_size=4), st.lists(st.text(min_size=1, max_size=4), max_size=8)),
+        "seed": st.integers(-(2**63), 2**64 - 1), "n": st.integers(1, 4), "stream": st.booleans(),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "logprobs": st.integers(0, 5),
+        "echo": st.booleans(), "loops": st.integers(1, 4), "ignore_eos": st.booleans(),
+    })
 raw_bodies = st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"{", b"null", b"[]", b'{"prompt": NaN}', b"\xff\xfe",
                                                                 b'{"prompt": "a", "prompt": [1]}', b'{"prompt": ' + b"[" * 5000]))
 
@@ -103,6 +116,30 @@ def test_fuzz_completions_fields(client, body):
     # json.dumps writes NaN and Infinity, which Python's JSON parser (the server's) accepts
     r = client.post("/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
     check(r, stream=r.headers.get("content-type", "").startswith("text/event-stream"))
+
+
+@FUZZ
+@given(body=valid_bodies)
+def test_fuzz_valid_ranges_reach_the_engine(client, body):
+    r = client.post("/v1/completions", json=body)
+    p = body["prompt"]
+    n_prompts = 1 if isinstance(p, str) or isinstance(p[0], int) else len(p)
+    n = body.get("n", 1)
+    if r.status_code == 400:  # only for combinations the fields' own ranges cannot rule out
+        assert r.json()["error"]["param"] in ("prompt", "max_tokens", "stream_options"), r.text
+        return
+    assert r.status_code == 200, r.text
+    if body.get("stream"):
+        check(r, stream=True)
+        events = [json.loads(e[len("data: "):]) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
+        finished = {c["index"] for e in events for c in e["choices"] if c["finish_reason"] in ("stop", "length")}
+        assert finished == set(range(n_prompts * n))
+    else:
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == list(range(n_prompts * n))
+        assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+        assert (choices[0]["logprobs"] is not None) == ("logprobs" in body)
+        assert r.json()["usage"]["completion_tokens"] <= n_prompts * n * body.get("max_tokens", 16)
 
 
 @FUZZ
