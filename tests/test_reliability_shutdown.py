@@ -90,6 +90,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(serve,
     code = server.proc.wait(timeout=30)
     exited = time.perf_counter()
     assert code == 0, server.log()
+    print("after SIGTERM:", refused)
     assert refused[0] in ("refused", 503) and refused[1] in ("closed", 503), refused
     for s in streams:  # every stream ran to its end after SIGTERM
         assert s["done"] and s["chunks"][-1]["usage"]["completion_tokens"] == N, s["chunks"][-1:]
