@@ -4,7 +4,9 @@
     pytest tests -m soak --run-soak    # only the long soak (`make soak`)
 
 `serve` starts real `python -m server` (uvicorn) subprocesses on 127.0.0.1 and stops them at the end
-of the test; each is a `ServerProcess` (url, pid, metrics(), rss_mib(), log()).
+of the test; each is a `ServerProcess` (url, pid, metrics(), rss_mib(), log()). `ckpt` is one tiny
+random checkpoint for the whole session (tests/server_fixtures.py; a module may define its own), and
+`engine` a module's engine on it.
 """
 
 from __future__ import annotations
@@ -119,3 +121,19 @@ def serve(tmp_path_factory):
     yield start
     for proc in started:
         proc.close()
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    from server_fixtures import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    from server import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=ckpt, max_batch_size=16))
+    yield engine
+    engine.stop()

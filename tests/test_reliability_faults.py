@@ -18,22 +18,10 @@ import pytest
 from server import Engine, EngineConfig, SamplingParams, sampling
 from server.app import create_app
 from server.detokenizer import Detokenizer
-from server_fixtures import build_checkpoint, reference_greedy, same_greedy
+from server_fixtures import reference_greedy, same_greedy
 
 PROMPTS = ["First Citizen:", "All: Speak"]
 POISON_T = 1.25  # requests sampled at this temperature get the injected sampler fault
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def engine(ckpt):
-    engine = Engine(EngineConfig(model=ckpt, max_batch_size=16))
-    yield engine
-    engine.stop()
 
 
 def arun(app, fn, timeout: float = 60):

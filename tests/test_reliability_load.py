@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixtures import build_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Greedy continuations of these are far from ties at every depth (test_server_http checks the same prompts)
@@ -30,11 +29,6 @@ GREEDY_PROMPTS = ["First Citizen:", "All: Speak"]
 OTHER_PROMPTS = ["To be, or not", "The quick brown fox", "naïve café 東京 🙂", "x"]
 GREEDY_TOKENS = 24
 RSS_GROWTH_BOUND_MIB = 150  # peak RSS under load minus RSS after the warm-up requests
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 def server_args(ckpt, batch: int) -> list[str]:

@@ -13,12 +13,10 @@ import signal
 import time
 
 import httpx
-import pytest
 from starlette.testclient import TestClient
 
 from server import Engine, EngineConfig
 from server.app import create_app
-from server_fixtures import build_checkpoint
 
 SLOW = """
 import sys, time
@@ -32,11 +30,6 @@ ModelRunner.decode = decode
 sys.exit(cli.main(sys.argv[1:]))
 """
 BODY = {"prompt": "First Citizen:", "temperature": 0, "ignore_eos": True, "loops": 2}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 async def read_stream(client: httpx.AsyncClient, body: dict, started: asyncio.Event) -> dict:

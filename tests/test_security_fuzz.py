@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 from server import Engine, EngineConfig
 from server.app import create_app
-from server_fixtures import build_checkpoint, reference_greedy
+from server_fixtures import reference_greedy
 
 EXAMPLES = int(os.environ.get("MESH_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="MESH_FUZZ_EXAMPLES" not in os.environ,
@@ -80,11 +80,6 @@ valid_bodies = st.fixed_dictionaries(
     })
 raw_bodies = st.one_of(st.binary(max_size=64), st.sampled_from([b"", b"{", b"null", b"[]", b'{"prompt": NaN}', b"\xff\xfe",
                                                                 b'{"prompt": "a", "prompt": [1]}', b'{"prompt": ' + b"[" * 5000]))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

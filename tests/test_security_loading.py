@@ -15,12 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from server import Engine, EngineConfig
 from server import __main__ as cli
-from server_fixtures import build_checkpoint
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+@pytest.fixture
+def good(ckpt):
+    return ckpt
 
 
 def copy(good, tmp_path):
