@@ -66,14 +66,14 @@ def test_training_survives_kill_9_and_matches_an_uninterrupted_run(tmp_path):
     # 1. Killed while writing its very first checkpoint: nothing complete yet, so the rerun starts over.
     proc = start(train_cmd(data, run), tmp_path / "1.log")
     kill_while_writing(proc, run, after_step=0)
-    assert latest_checkpoint(run) is None
+    first = latest_checkpoint(run)  # None, unless a very busy machine let the first write finish unseen
     half = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert half, "the kill landed inside a checkpoint write"
 
-    # 2. The same command: starts from scratch; killed again mid-run, inside a later checkpoint write.
+    # 2. The same command: starts from scratch (no complete checkpoint); killed again inside a later write.
     proc = start(train_cmd(data, run), tmp_path / "2.log")
     kill_while_writing(proc, run, after_step=8)
-    assert "resuming from" not in (tmp_path / "2.log").read_text()
+    assert ("resuming from" in (tmp_path / "2.log").read_text()) == (first is not None)
     last = latest_checkpoint(run)
     assert last is not None and 8 <= int(last.name.split("-")[1]) < STEPS
 
