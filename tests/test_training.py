@@ -131,6 +131,8 @@ def test_depth_sampling_is_deterministic_and_in_range():
     heavy = np.bincount([sample_depth(s, 7, "heavy", 16, mean=3) for s in range(4000)], minlength=17)[1:]
     assert heavy[:3].sum() > heavy[3:].sum() and heavy[8:].sum() > 0  # mostly shallow, with a tail
     assert all(sample_depth(s, 7, "fixed", 4, fixed=3) == 3 for s in range(10))
+    weighted = np.bincount([sample_depth(s, 7, "weighted", 4, weights=[1, 0, 1, 2]) for s in range(4000)], minlength=5)[1:]
+    assert weighted[1] == 0 and 1800 < weighted[3] < 2200 and 800 < weighted[0] < 1200
     assert sample_depth(0, 1, "uniform", 4) != sample_depth(0, 2, "uniform", 4) or sample_depth(1, 1, "uniform", 4) != sample_depth(1, 2, "uniform", 4)
 
 
@@ -209,6 +211,14 @@ def test_resume_gives_the_same_losses(data_dir, full_run, tmp_path, capsys):
     assert "already trained to step 40" in capsys.readouterr().out
 
 
+def test_resume_refuses_a_different_model(data_dir, full_run, capsys):
+    args = ["--config", str(TINY), "--data", str(data_dir), "--out", str(full_run), "--quiet", "--set", "model.hidden_size=32"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of a different model (model.hidden_size changed)" in err
+    assert latest_checkpoint(full_run).name == "step-0000040"  # untouched
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, full_run, tmp_path):
     run = tmp_path / "accum"
     args = ["--config", str(TINY), "--data", str(data_dir), "--out", str(run), "--quiet"]
@@ -242,6 +252,8 @@ def test_dropout_and_heavy_depths_train(data_dir, tmp_path):
         (["--set", "train.depth_sampling=sometimes"], "train.depth_sampling must be one of"),
         (["--set", "train.batch_size=7", "--set", "train.micro_batch_size=2"], "not divisible by train.micro_batch_size"),
         (["--set", "train.depth_sampling=fixed", "--set", "train.fixed_loops=9"], "loops must be an integer in [1, 3]"),
+        (["--set", "train.depth_sampling=weighted", "--set", "train.depth_weights=[1, 2]"], "train.depth_weights needs 3 weights"),
+        (["--set", "train.depth_sampling=weighted"], "train.depth_weights must be non-negative numbers"),
     ],
 )
 def test_train_clear_errors(data_dir, tmp_path, capsys, extra, message):

@@ -19,7 +19,6 @@ import platform
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -52,9 +51,21 @@ def export(ckpt: Path, out: Path, default_loops: int) -> Path:
     return tmp
 
 
-def model_card(*, command: str, config, summary: dict, wall_s: float, rows: list[dict], default_loops: int, context: int, counts: dict, eval_command: str, n_params: int, n_total: int, size: int) -> str:
+def config_block(cfg: dict) -> str:
+    """The [model] and [train] tables the run used, as TOML."""
+    lines = []
+    for table in ("model", "train"):
+        lines.append(f"[{table}]")
+        for k, v in cfg[table].items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def model_card(*, command: str, config, summary: dict, rows: list[dict], default_loops: int, context: int, counts: dict, eval_command: str, n_params: int, n_total: int, size: int) -> str:
     tc = summary["config"]["train"]
     tok_s = summary["tokens"] / max(summary["train_time_s"], 1e-9)
+    wall = f" ({summary['wall_time_s'] / 60:.1f} min wall clock with evals and checkpoints)" if "wall_time_s" in summary else ""
     best = next(r for r in rows if r["loops"] == default_loops)
     return f"""# MeSH default model: tinyshakespeare, depth-elastic ({config['n_prelude']}+{config['n_core']}R{default_loops}+{config['n_coda']}, max_loops {config['max_loops']})
 
@@ -74,9 +85,9 @@ It writes Shakespeare-like text; it knows nothing else.
 - Training: {summary['step']:,} steps of {tc['batch_size']} x {tc['seq_len']} tokens ({summary['tokens']:,} tokens, about {summary['tokens'] / max(1, counts['train_tokens']):.1f} epochs),
   AdamW (0.9, 0.95), wd {tc['weight_decay']}, peak lr {tc['lr']}, cosine to {tc['min_lr_ratio']:g} x peak after {tc['warmup_steps']} warmup steps,
   grad clip {tc['grad_clip']}, dropout {config['hidden_dropout']} (hidden) / {config['attention_dropout']} (attention), seed {tc['seed']}.
-- Training time: {summary['train_time_s'] / 60:.1f} min of optimizer steps, {wall_s / 60:.1f} min wall clock for this command
-  (including evals and checkpoints), {tok_s:,.0f} tokens/s on average, on {platform.machine()} with
-  {torch.get_num_threads()} torch threads (a 2-core CPU shared with other jobs), torch {torch.__version__}.
+- Training time: {summary['train_time_s'] / 60:.1f} min of optimizer steps{wall}, {tok_s:,.0f} tokens/s
+  on average, on a 2-core {platform.machine()} CPU shared with other jobs, torch {torch.__version__} with
+  {tc.get('threads') or torch.get_num_threads()} thread(s).
 - `default_loops` = {default_loops}: the depth with the lowest validation loss.
 - Generation defaults (generation_config.json): sampling, temperature 0.8, top-k 200, 256 new tokens.
 
@@ -93,6 +104,12 @@ character-level model reaches about 1.88 on a CPU and 1.47 on a GPU on this spli
 
 ```bash
 {command}
+```
+
+with these settings (training/configs/shakespeare-default.toml plus any `--set`):
+
+```toml
+{config_block(summary['config'])}
 ```
 
 Rerunning it resumes training from its work directory; the numbers above come from the run that
@@ -118,7 +135,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        t0 = time.perf_counter()
         text = require_file(args.text, "text file")
         cfg = load_config(args.config, args.set)
         work, out = Path(args.work), Path(args.out)
@@ -151,7 +167,7 @@ def main(argv=None) -> int:
         command = "make train-default  # = " + shlex.join(["python", "-m", "training.default_model", *(argv if argv is not None else sys.argv[1:])])
         eval_command = f"python -m training.evaluate --model {out} --text {args.text} --val-fraction {val_fraction}"
         card = model_card(
-            command=command, config=config, summary=summary, wall_s=time.perf_counter() - t0, rows=rows, default_loops=best,
+            command=command, config=config, summary=summary, rows=rows, default_loops=best,
             context=context, counts=counts, eval_command=eval_command,
             n_params=model.num_parameters(exclude_embeddings=True), n_total=model.num_parameters(), size=size,
         )

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_trainer_state, read_summary, save_checkpoint
 from .common import UsageError, pick_device, run_cli, write_json_atomic
 from .config import config_to_dict, load_config
 from .data import TokenData, batch_offsets, eval_offsets, windows
@@ -266,6 +266,15 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
     if dd.enabled:
         dist.broadcast_object_list(found, src=0)
     ckpt = Path(found[0]) if found[0] else None
+    if ckpt is not None:
+        # Resuming a different model would silently train the old one: refuse instead.
+        saved = read_summary(ckpt).get("config", {}).get("model")
+        if saved is not None and saved != cfg["model"]:
+            changed = sorted(k for k in set(saved) | set(cfg["model"]) if saved.get(k) != cfg["model"].get(k))
+            raise UsageError(
+                f"{out} holds a run of a different model (model.{', model.'.join(changed)} changed); "
+                f"use another --out, or delete {out} to start over"
+            )
 
     torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
     if ckpt is not None:
@@ -319,13 +328,15 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
     optimizer = make_optimizer(raw, tc, fused=use_cuda and tc.parallel != "fsdp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
 
-    step, tokens_seen, train_time = 0, 0, 0.0
+    step, tokens_seen, train_time, wall_before = 0, 0, 0.0, 0.0
+    t_start = time.perf_counter()
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         state = load_trainer_state(ckpt)
         set_states(raw, optimizer, load_file(str(ckpt / "model.safetensors")), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time_s"]
+        wall_before = state.get("wall_time_s", train_time)
         rngs = state["rng"]
         if len(rngs) == dd.world:
             set_rng_state(rngs[dd.rank], device)
@@ -354,6 +365,7 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
                 "step": at_step,
                 "tokens": tokens_seen,
                 "train_time_s": train_time,
+                "wall_time_s": wall_before + time.perf_counter() - t_start,
                 "optimizer": optim_sd,
                 "scheduler": scheduler.state_dict(),
                 "rng": rngs,
@@ -365,6 +377,7 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
                 "step": at_step,
                 "tokens": tokens_seen,
                 "train_time_s": round(train_time, 2),
+                "wall_time_s": round(wall_before + time.perf_counter() - t_start, 2),
                 "world_size": dd.world,
                 "val_loss": {str(k): v for k, v in (losses or {}).items()},
                 "config": config_to_dict(cfg),
