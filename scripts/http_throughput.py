@@ -7,8 +7,9 @@
 
 Each request is a greedy completion of `--max-tokens` tokens (`ignore_eos`, so every request has the
 same length) through POST /v1/completions, `--requests` of them kept `--concurrency` in flight. Reported:
-aggregate output tokens/s (all completion tokens / wall time), per-request tokens/s (median of each
-request's completion tokens / its latency), and errors. One warm-up request per depth is not counted.
+aggregate output tokens/s (all completion tokens / wall time; with `--repeat N` the median of N runs),
+per-request tokens/s (median of each request's completion tokens / its latency), and errors. A short
+warm-up request before each run is not counted.
 This is a quick check, not the full load benchmark (vLLM benchmark_serving style) of benchmarks/.
 """
 
@@ -69,10 +70,11 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=None, help="requests per measurement (default 2x concurrency, at least 4)")
     p.add_argument("--max-tokens", type=int, default=128, help="completion tokens per request")
     p.add_argument("--prompt", default=PROMPT, help="the prompt of every request")
+    p.add_argument("--repeat", type=int, default=1, help="measure each setting this many times; report the median")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
-    if min(args.concurrency) < 1 or args.max_tokens < 1 or (args.requests is not None and args.requests < 1):
-        p.error("--concurrency, --requests and --max-tokens must be >= 1")
+    if min(args.concurrency) < 1 or args.max_tokens < 1 or args.repeat < 1 or (args.requests is not None and args.requests < 1):
+        p.error("--concurrency, --requests, --repeat and --max-tokens must be >= 1")
     try:
         model = httpx.get(args.url + "/v1/models", timeout=10).json()["data"][0]
     except (httpx.HTTPError, KeyError, ValueError) as e:
@@ -85,7 +87,9 @@ def main(argv=None) -> int:
         for c in args.concurrency:
             body = {"model": model["id"], "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
                     "ignore_eos": True, "loops": loops}
-            r = asyncio.run(run(args.url, c, args.requests or max(4, 2 * c), body))
+            runs = [asyncio.run(run(args.url, c, args.requests or max(4, 2 * c), body)) for _ in range(args.repeat)]
+            r = sorted(runs, key=lambda x: x["tokens_per_s"])[len(runs) // 2]  # the median run
+            r = {**r, "errors": sum(x["errors"] for x in runs), "tokens_per_s_runs": [x["tokens_per_s"] for x in runs]}
             results.append(r)
             print(f"{loops:>5} {c:>11} {r['requests']:>8} {r['tokens_per_s']:>9.1f} {r['per_request_tokens_per_s']:>11.1f} {r['errors']:>6}")
     if args.out:

@@ -206,11 +206,13 @@ def test_http_throughput_script(server, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "t.json"
-    argv = ["--url", server, "--concurrency", "1", "3", "--loops", "1", "4", "--requests", "3", "--max-tokens", "5", "--out", str(out)]
+    argv = ["--url", server, "--concurrency", "1", "3", "--loops", "1", "4", "--requests", "3", "--max-tokens", "5",
+            "--repeat", "3", "--out", str(out)]
     assert script.main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert [(r["loops"], r["concurrency"]) for r in results] == [(1, 1), (1, 3), (4, 1), (4, 3)]
     assert all(r["output_tokens"] == 15 and r["errors"] == 0 and r["tokens_per_s"] > 0 for r in results)
+    assert all(sorted(r["tokens_per_s_runs"])[1] == r["tokens_per_s"] for r in results), "the median of 3 runs"
     assert script.main(["--url", "http://127.0.0.1:1"]) == 2, "no server: a one-line error"
 
 
