@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common import UsageError, require_file, run_cli, write_json_atomic, write_text_atomic
+from ..common import UsageError, quiet_transformers, require_file, run_cli, write_json_atomic, write_text_atomic
 
 # ---------------------------------------------------------------------------------------------
 # What is compared
@@ -216,9 +216,7 @@ def run_one(v: Variant, seed: int, s: Settings, data_dir: Path, out: Path, threa
     from ..evaluate import evaluate, load_model, val_tokens_from_data
     from ..train import train
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars per run in the study's log
+    quiet_transformers()  # no "Loading weights" bars per run in the study's log
     if threads:
         torch.set_num_threads(threads)
     rdir = run_dir(out, v.name, seed)
