@@ -197,7 +197,7 @@ def test_resume_gives_the_same_losses(data_dir, full_run, tmp_path, capsys):
     (run / "checkpoints" / ".tmp-step-0000016-999").mkdir()
     (run / "checkpoints" / "step-0000099").mkdir()  # no trainer_state.pt: not a checkpoint
     with open(run / "metrics.jsonl", "a") as f:  # records past the checkpoint, as after a crash
-        f.write(json.dumps({"step": 16, "loss": 123.0}) + "\n")
+        f.write(json.dumps({"step": 16, "loss": 123.0}) + "\n" + '{"step": 17, "lo')  # and a line cut short by a kill
     assert train.main(args) == 0  # the same command continues: steps 16..30
     assert "resuming from" in capsys.readouterr().out
     assert train.main(args) == 0  # 31..40

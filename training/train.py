@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_trainer_state, read_summary, save_checkpoint
-from .common import UsageError, pick_device, run_cli, write_json_atomic
+from .common import UsageError, pick_device, run_cli, write_json_atomic, write_text_atomic
 from .config import config_to_dict, load_config
 from .data import TokenData, batch_offsets, eval_offsets, windows
 from .depth import sample_depth, unused_parameters
@@ -215,11 +215,18 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drops records past ``step`` (logged after the checkpoint we resume from, before a crash)."""
+    """Drops records past ``step`` (logged after the checkpoint we resume from, before a crash),
+    and a last line cut short by a kill."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 # ---------------------------------------------------------------------------------------------
