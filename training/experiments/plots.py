@@ -187,7 +187,7 @@ def cka(summary: dict, path: Path) -> Path | None:
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if m[i, j] < vmin + 0.6 * (1 - vmin) else "k")
         ax.set_title(f"{name}: RBF-CKA between stages", fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -202,10 +202,12 @@ def spectra(summary: dict, path: Path) -> Path | None:
         for stage, spec, er in zip(d["stages"], d["spectra_mean"], d["effective_rank_mean"]):
             ax.semilogy(np.arange(1, len(spec) + 1), spec, label=f"{stage} (eff. rank {er:.1f})")
         ax.set_xlabel("singular value index")
-        ax.set_ylim(bottom=1e-5)  # below that: numerical zeros (a window has few distinct tokens)
         ax.set_title(f"{name}: normalised spectra")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+    # Values below ~1e-6 are numerical zeros (a window with fewer distinct tokens than dimensions).
+    real = [x for _, d in diag for spec in d["spectra_mean"] for x in spec if x > 1e-6]
+    axes[0][0].set_ylim(bottom=0.5 * min(real) if real else 1e-6, top=1.3)
     axes[0][0].set_ylabel("s_i / s_1 (mean over windows x seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
