@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import MeshConfig, MeshForCausalLM
@@ -42,6 +43,16 @@ def build_checkpoint(path: str | Path, layout: str = "1+1R2+1", scheme: str = "m
     torch.manual_seed(seed)
     MeshForCausalLM(cfg).save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models are all small operations: extra intra-op threads only add synchronisation (and on a busy
+    2-core machine they make tests several times slower). One thread for the module, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 MARGIN = 1e-4  # below this top-2 logit gap, float noise between batch shapes may flip a greedy choice

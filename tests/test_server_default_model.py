@@ -17,6 +17,7 @@ from server import Engine, EngineConfig
 from server import __main__ as cli
 from server.app import create_app
 from server.engine import DEFAULT_MODEL
+from server_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are accounted poor citizens", "KING RICHARD III:\nNow is the"]

@@ -19,7 +19,7 @@ from server.engine import RequestError
 from server.kv_pool import KVPool
 from server.sampling import BatchSampling, apply_top_k_top_p, exponential_race, sample
 from server.sequence import Sequence
-from server_fixtures import LINES, build_checkpoint, reference_greedy, same_greedy
+from server_fixtures import LINES, build_checkpoint, reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["First Citizen:", "All: Speak", "To be, or not to be", "The quick brown fox jumps", "a", "Resolved."]

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from model import MeshForCausalLM
 from server import __main__ as cli
-from server_fixtures import build_checkpoint, reference_greedy
+from server_fixtures import build_checkpoint, reference_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["First Citizen:", "All: Speak", "To be, or not", "The quick brown fox"]
