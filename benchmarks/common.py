@@ -177,19 +177,23 @@ class FixedBatch:
 
 
 def interleave(benches: dict, rounds: int, steps: int, device=None, progress=None) -> dict[str, list[float]]:
-    """Round-robin timing: each round runs `steps` calls of every bench's step(), so load changes on a
-    shared machine hit every contender alike. Returns name -> per-call seconds."""
+    """Round-robin timing: each round times a block of `steps` consecutive calls of every bench, so load
+    changes on a shared machine hit every contender alike. Returns name -> one value per round: the
+    block's mean seconds per call. Block means, not single calls: on an oversubscribed machine a single
+    call of a few ms is either preempted or not, and the median of such a two-valued distribution jumps;
+    a block's mean takes the preemption in proportion to the work, and the median over rounds drops
+    the rounds a burst of load hit."""
     times = {name: [] for name in benches}
     for r in range(rounds):
         names = list(benches) if r % 2 == 0 else list(reversed(benches))  # ABBA: no contender always first
         for name in names:
             fn = benches[name]
+            sync(device)
+            t0 = time.perf_counter()
             for _ in range(steps):
-                sync(device)
-                t0 = time.perf_counter()
                 fn()
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / steps)
         if progress is not None:
             progress.update(1)
     return times

@@ -2,10 +2,12 @@
 
 For each depth K, scheme (the subject's MeSH model and a `base`-scheme model of the same layout) and
 batch size, an engine holds that many rows of depth K after a 32-token prompt; single decode steps
-(scheduler + runner + sampling) are timed round-robin over all of them. A step at depth K applies
+(scheduler + runner + sampling) are timed round-robin over all of them, in blocks of consecutive steps. A step at depth K applies
 N(K) = P + K*C + D layers, so its time should be a + b*K: the fit's slope b is the price of one more
 core iteration, compared with one core pass timed alone (C core layers attending over the same
 number of keys, plus the scheme's step: MeSH's write/read routers), interleaved with the rest.
+MeSH's overhead is the median over rounds of the paired ratio mesh/base - 1 (same round, same load),
+per (batch, K) and pooled over all of them (`mesh_overhead_all`, the headline figure).
 
 KV bytes per token are measured from the pool's tensors after admitting depth-K rows (bytes per row
 per position, summed over the tiers a depth-K row occupies) and checked against 2 * N(K) * d * bytes.
@@ -95,7 +97,7 @@ def run(subject: Subject, batches=(1, 32), prompt_len: int = 32, rounds: int = 8
     with tqdm(total=rounds, desc="cost per depth", disable=quiet, leave=False) as bar:
         times = interleave(benches, rounds, steps, device, bar)
 
-    out = {"prompt_len": prompt_len, "steps_timed": total, "depths": depths, "schemes": list(schemes), "rows": [], "fits": [], "kv": []}
+    out = {"prompt_len": prompt_len, "steps_timed": total, "rounds": rounds, "depths": depths, "schemes": list(schemes), "rows": [], "fits": [], "kv": []}
     step_ms = {}
     for (scheme, B, K) in fixed:
         step_ms[(scheme, B, K)] = ms = 1e3 * median(times[f"{scheme}/B{B}/K{K}"])
@@ -109,10 +111,12 @@ def run(subject: Subject, batches=(1, 32), prompt_len: int = 32, rounds: int = 8
             out["fits"].append({"scheme": scheme, "batch": B, "a_ms": fit["a"], "b_ms": fit["b"], "r2": fit["r2"],
                                 "core_pass_ms": core, "b_over_core_pass": fit["b"] / core})
     if "base" in schemes and "mesh" in schemes:
-        out["mesh_overhead"] = [
-            {"batch": B, "loops": K, "overhead": step_ms[("mesh", B, K)] / step_ms[("base", B, K)] - 1.0}
-            for B in batches for K in depths
-        ]
+        # Paired within each round (the same load for both), then the median over rounds.
+        def paired(B, K):
+            return [m / b - 1.0 for m, b in zip(times[f"mesh/B{B}/K{K}"], times[f"base/B{B}/K{K}"])]
+
+        out["mesh_overhead"] = [{"batch": B, "loops": K, "overhead": median(paired(B, K))} for B in batches for K in depths]
+        out["mesh_overhead_all"] = median([x for B in batches for K in depths for x in paired(B, K)])
     first = next(iter(schemes))
     elem = next(subject.model.parameters()).element_size()
     for K in depths:

@@ -52,8 +52,12 @@ def markdown(r: dict) -> str:
             row = [K, first["layers_applied"]] + [_f(by[(s, B, K)]["ms_per_token"], "{:.3f}") for B in batches for s in d["schemes"]]
             row += [_f(100 * ov[(B, K)], "{:+.1f}%") for B in batches if (B, K) in ov]
             rows.append(row)
-        parts += ["", f"**Cost per depth** (decode steps after a {d['prompt_len']}-token prompt, median over "
-                      f"{d['steps_timed']} interleaved steps)", "", _table(header, rows), ""]
+        parts += ["", f"**Cost per depth** (decode steps after a {d['prompt_len']}-token prompt; median over "
+                      f"{d['rounds']} interleaved rounds of the mean of {d['steps_timed'] // d['rounds']} consecutive steps)",
+                  "", _table(header, rows), ""]
+        if "mesh_overhead_all" in d:
+            parts += [f"MeSH overhead over base, median of paired per-round ratios pooled over batch sizes and K: "
+                      f"{_f(100 * d['mesh_overhead_all'], '{:+.1f}%')}", ""]
         parts.append(_table(
             ["scheme", "batch", "a (ms/token)", "b (ms/token per loop)", "R^2", "one core pass (ms/token)", "b / core pass"],
             [[f["scheme"], f["batch"], _f(f["a_ms"], "{:.3f}"), _f(f["b_ms"], "{:.3f}"), _f(f["r2"], "{:.4f}"),
@@ -67,7 +71,8 @@ def markdown(r: dict) -> str:
         x = r["mixed"]
         ms = x["step_ms"]
         D, h = x["deep"], x["rows"] // 2
-        parts += ["", f"**Mixed-depth batching** (one decode step, median over {x['steps_timed']} interleaved steps)", ""]
+        parts += ["", f"**Mixed-depth batching** (one decode step; median over {x['rounds']} interleaved rounds of the mean "
+                      f"of {x['steps_timed'] // x['rounds']} consecutive steps)", ""]
         parts.append(_table(["batch", "step ms"], [
             [f"{h} x depth {D} + {h} x depth 1 (mixed)", _f(ms["mixed"])],
             [f"{x['rows']} x depth {D}", _f(ms["deep32"])],
@@ -77,7 +82,8 @@ def markdown(r: dict) -> str:
             [f"predicted from active rows ({x['rows']} x depth 1 + ({h} x depth {D} - {h} x depth 1))", _f(x["predicted_ms"])],
             [f"the two groups separately ({h} x depth {D} + {h} x depth 1)", _f(x["separately_ms"])],
         ]))
-        parts += ["", f"mixed / predicted = {_f(x['cost_ratio'], '{:.3f}')}, mixed / {x['rows']} x depth {D} = "
+        parts += ["", f"mixed / predicted = {_f(x['cost_ratio'], '{:.3f}')} (median of per-round ratios: "
+                      f"{_f(x.get('cost_ratio_per_round_median'), '{:.3f}')}), mixed / {x['rows']} x depth {D} = "
                       f"{_f(x['mixed_over_deep32'], '{:.3f}')}, mixed / separately = {_f(x['mixed_over_separately'], '{:.3f}')}"]
         a = x["admission"]
         parts += ["", f"Admission at a {a['budget_mb']:g} MiB KV budget, requests of {a['prompt_len']} + {a['max_tokens']} tokens:", ""]

@@ -21,10 +21,10 @@ SECTIONS = ("decode", "depth", "mixed", "serving")
 
 # (full, quick, tiny) settings of each knob
 PLANS = {
-    "full": dict(new_tokens=256, reps=5, warmup_tokens=32, rounds=8, steps=8, batches=(1, 32),
+    "full": dict(new_tokens=256, reps=5, warmup_tokens=32, rounds=16, steps=8, batches=(1, 32),
                  serving=dict(concurrency=(1, 4, 16, 32, 64), rates=(1.0, 2.0, 4.0, 8.0), max_tokens=128,
                               per_level=lambda c: max(16, 4 * c), per_rate=32)),
-    "quick": dict(new_tokens=64, reps=3, warmup_tokens=8, rounds=4, steps=4, batches=(1, 32),
+    "quick": dict(new_tokens=64, reps=3, warmup_tokens=8, rounds=6, steps=4, batches=(1, 32),
                   serving=dict(concurrency=(1, 4, 16, 32), rates=(2.0, 8.0), max_tokens=32,
                                per_level=lambda c: max(4, c), per_rate=16)),
     "tiny": dict(new_tokens=8, reps=2, warmup_tokens=2, rounds=2, steps=2, batches=(1, 4),
@@ -72,10 +72,8 @@ def headline(results: dict) -> dict:
         first = d["schemes"][0]
         fit = next(f for f in d["fits"] if f["scheme"] == first)  # the subject's scheme, the first batch size
         h["depth_fit_r2"] = fit["r2"]
-        if "mesh_overhead" in d:
-            B = d["mesh_overhead"][0]["batch"]
-            h["mesh_overhead_vs_base"] = next(o["overhead"] for o in d["mesh_overhead"]
-                                              if o["batch"] == B and o["loops"] == max(d["depths"]))
+        if "mesh_overhead_all" in d:
+            h["mesh_overhead_vs_base"] = d["mesh_overhead_all"]  # paired per round, pooled over batch sizes and K
     if "mixed" in results:
         h["mixed_depth_cost_ratio"] = results["mixed"]["cost_ratio"]
     if "serving" in results:
