@@ -95,13 +95,14 @@ def markdown(r: dict) -> str:
         parts += ["", f"**Serving load** (uvicorn on 127.0.0.1, streaming, depths {s['depths']} mixed, "
                       f"{s['prompt_len']}-token prompts, {s['max_tokens']} tokens each, ignore_eos)", ""]
         header = ["load", "requests", "errors", "duration s", "req/s", "output tok/s", "TTFT mean/median/p99 ms",
-                  "TPOT mean/median/p99 ms", "ITL mean/median/p99 ms"]
+                  "TPOT mean/median/p99 ms", "ITL mean/median/p99 ms", "CPU cores used: server / client"]
 
         def trio(t):
             return "/".join(_f(t[k], "{:.0f}") for k in ("mean", "median", "p99"))
 
         rows = [[lv["label"], lv["requests"], lv["errors"], _f(lv["duration_s"], "{:.1f}"), _f(lv["request_throughput"]),
-                 _f(lv["output_throughput"], "{:.0f}"), trio(lv["ttft_ms"]), trio(lv["tpot_ms"]), trio(lv["itl_ms"])]
+                 _f(lv["output_throughput"], "{:.0f}"), trio(lv["ttft_ms"]), trio(lv["tpot_ms"]), trio(lv["itl_ms"]),
+                 _f(lv.get("server_cpu_per_s")) + " / " + _f(lv.get("client_cpu_per_s"))]
                 for lv in s["levels"]]
         parts.append(_table(header, rows))
         parts += ["", f"output tok/s at concurrency 32 / concurrency 1 = {_f(s.get('c32_over_c1'))}"]

@@ -2,7 +2,8 @@
 
 `python -m server` runs as a subprocess (uvicorn on 127.0.0.1, a free port, the same thread count),
 and an asyncio client streams `POST /v1/completions` requests (`stream: true`, usage included,
-`ignore_eos` so every request makes exactly max_tokens tokens, greedy), their depths `loops` cycling
+`ignore_eos` so every request makes exactly max_tokens tokens, greedy; a stdlib asyncio HTTP/1.1
+client, one connection per request), their depths `loops` cycling
 through 1..max_loops in a seeded shuffle. Two sweeps:
 
 - max concurrency 1, 4, 16, 32, 64: requests are all offered at once, at most c in flight;
@@ -11,8 +12,9 @@ through 1..max_loops in a seeded shuffle. Two sweeps:
 
 Per level (the metrics vLLM reports): request throughput, output tokens/s (usage tokens over the
 level's wall time), TTFT (request sent -> first text chunk), TPOT ((latency - TTFT) / (tokens - 1)
-per request), ITL (gaps between successive text chunks), each mean / median / p99, and errors
-(a non-200 status, an error event, no [DONE], or fewer tokens than asked; must be 0).
+per request), ITL (gaps between successive text chunks), each mean / median / p99, errors
+(a non-200 status, an error event, no [DONE], or fewer tokens than asked; must be 0), and the CPU
+the server process and this client used per second of the level (they share the machine).
 Bounded: each level has a deadline, and the server is stopped (SIGTERM, then SIGKILL) whatever happens.
 """
 
@@ -36,6 +38,17 @@ from .common import ROOT, Subject, prompt_ids, save_subject, summary
 
 LEVEL_DEADLINE_S = 600.0  # a level that has not finished by then is an error, not a hang
 STARTUP_S = 180.0
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one when pid is None), all threads."""
+    if pid is None:
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def free_port() -> int:
@@ -90,30 +103,62 @@ class Server:
         self.log.close()
 
 
-async def one_request(client, url: str, body: dict, sem: asyncio.Semaphore | None) -> dict:
+async def one_request(host: str, port: int, body: dict, sem: asyncio.Semaphore | None) -> dict:
     if sem is None:
-        return await stream_completion(client, url, body)
+        return await stream_completion(host, port, body)
     async with sem:  # max concurrency: the clock starts when the request is actually sent
-        return await stream_completion(client, url, body)
+        return await stream_completion(host, port, body)
 
 
-async def stream_completion(client, url: str, body: dict) -> dict:
+async def _http_post(host: str, port: int, path: str, body: dict):
+    """Sends one HTTP/1.1 POST; returns (status, headers, reader, writer). A stdlib client: it shares the
+    2 cores with the server, and httpx's streaming machinery cost as much CPU as the server itself."""
+    reader, writer = await asyncio.open_connection(host, port)
+    payload = json.dumps(body).encode()
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, reader, writer
+
+
+async def _body_parts(headers: dict, reader):
+    """The response body as it arrives (chunked transfer encoding, or up to the connection's end)."""
+    if "chunked" not in headers.get("transfer-encoding", ""):
+        yield await reader.read()
+        return
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            return
+        yield (await reader.readexactly(size + 2))[:-2]
+
+
+async def stream_completion(host: str, port: int, body: dict) -> dict:
     """Streams one completion; returns its timings (perf_counter seconds) or an error."""
     res = {"ok": False, "tokens": 0, "chunks": [], "error": None}
+    writer = None
     try:
         res["start"] = time.perf_counter()
-        done = False
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                res["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+        status, headers, reader, writer = await _http_post(host, port, "/v1/completions", body)
+        if status != 200:
+            res["error"] = f"HTTP {status}: {(await reader.read())[:200]!r}"
+            return res
+        done, buf = False, b""
+        async for part in _body_parts(headers, reader):
+            buf += part
+            while b"\n\n" in buf:  # one SSE event per blank-line-terminated block
+                event, buf = buf.split(b"\n\n", 1)
+                if not event.startswith(b"data: "):
                     continue
-                data = line[6:]
-                if data == "[DONE]":
+                data = event[6:]
+                if data == b"[DONE]":
                     done = True
-                    break
+                    continue
                 obj = json.loads(data)
                 if "error" in obj:
                     res["error"] = obj["error"].get("message", "error event")
@@ -132,31 +177,31 @@ async def stream_completion(client, url: str, body: dict) -> dict:
         else:
             res["ok"] = True
         return res
-    except Exception as e:  # connection reset, timeout, bad JSON: counted, never raised
+    except Exception as e:  # connection reset, bad JSON, a cut stream: counted, never raised
         res["error"] = f"{type(e).__name__}: {e}"
         return res
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 async def run_level(url: str, bodies: list[dict], concurrency: int | None, rate: float | None, seed: int) -> dict:
-    import httpx
-
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(LEVEL_DEADLINE_S), limits=limits) as client:
-        t0 = time.perf_counter()
-        tasks = []
-        for body in bodies:
-            if rate:
-                await asyncio.sleep(rng.expovariate(rate))  # Poisson process: exponential gaps
-            tasks.append(asyncio.create_task(one_request(client, url, body, sem)))
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*tasks), LEVEL_DEADLINE_S)
-        except asyncio.TimeoutError:
-            for t in tasks:
-                t.cancel()
-            results = [t.result() if t.done() and not t.cancelled() else {"ok": False, "error": "deadline"} for t in tasks]
-        duration = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tasks = []
+    for body in bodies:
+        if rate:
+            await asyncio.sleep(rng.expovariate(rate))  # Poisson process: exponential gaps
+        tasks.append(asyncio.create_task(one_request(host, int(port), body, sem)))
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*tasks), LEVEL_DEADLINE_S)
+    except asyncio.TimeoutError:
+        for t in tasks:
+            t.cancel()
+        results = [t.result() if t.done() and not t.cancelled() else {"ok": False, "error": "deadline"} for t in tasks]
+    duration = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
     ttft = [1e3 * (r["chunks"][0] - r["start"]) for r in ok]
     tpot = [1e3 * (r["end"] - r["chunks"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
@@ -199,8 +244,12 @@ def run(subject: Subject, plan: dict, threads: int = 1, device: str = "cpu", see
             asyncio.run(run_level(server.url, bodies(2, seed), 2, None, seed))  # warm-up, not reported
             for kind, x, n in tqdm(levels, desc="serving load", disable=quiet, leave=False):
                 level_seed = seed + len(out["levels"]) + 1
+                cpu0 = (cpu_seconds(server.proc.pid), cpu_seconds())
                 res = asyncio.run(run_level(server.url, bodies(n, level_seed), x if kind == "concurrency" else None,
                                             x if kind == "rate" else None, level_seed))
+                # Where the 2 cores went: the server process and this client (both Python), per second of the level.
+                res["server_cpu_per_s"] = (cpu_seconds(server.proc.pid) - cpu0[0]) / res["duration_s"]
+                res["client_cpu_per_s"] = (cpu_seconds() - cpu0[1]) / res["duration_s"]
                 res.update(kind=kind, label=f"concurrency {x}" if kind == "concurrency" else f"Poisson {x:g} req/s",
                            **({"concurrency": x} if kind == "concurrency" else {"rate": x}))
                 out["levels"].append(res)
