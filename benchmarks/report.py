@@ -130,20 +130,18 @@ def plots(r: dict, out: Path) -> list[Path]:
 
     if "decode" in r:
         d = r["decode"]
-        fig, ax = plt.subplots(figsize=(6.4, 4))
         rows = d["rows"]
-        xs = range(len(rows))
-        w = 0.38
-        ax.bar([x - w / 2 for x in xs], [x["ours_tok_s"] for x in rows], w, label="ours (engine, no HTTP)")
-        ax.bar([x + w / 2 for x in xs], [x["hf_tok_s"] for x in rows], w, label="HF generate() (DynamicCache, SDPA)")
-        for x, row in zip(xs, rows):
-            ax.annotate(f"{row['speedup']:.2f}x", (x - w / 2, row["ours_tok_s"]), ha="center", va="bottom")
-        ax.set_xticks(list(xs), [f"batch {x['batch']}" for x in rows])
-        ax.set_yscale("log")
-        ax.set_ylabel("generated tokens/s (log)")
-        ax.set_title(f"Greedy decode, {d['model']['layout']}-layer vanilla, {d['new_tokens']} new tokens", fontsize=10)
-        ax.legend(fontsize=8)
-        ax.text(0.01, 0.01, where, transform=ax.transAxes, fontsize=6, color="gray")
+        fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.8))
+        axes = list(axes) if len(rows) > 1 else [axes]
+        for ax, row in zip(axes, rows):
+            bars = ax.bar(["ours\n(engine, no HTTP)", "HF generate()\n(DynamicCache, SDPA)"],
+                          [row["ours_tok_s"], row["hf_tok_s"]], color=["C0", "C1"])
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+            ax.set_title(f"batch {row['batch']}: {row['speedup']:.2f}x", fontsize=10)
+            ax.set_ylabel("generated tokens/s")
+            ax.tick_params(axis="x", labelsize=8)
+        fig.suptitle(f"Greedy decode, {d['model']['layout']}-layer vanilla d={d['model']['hidden_size']}, "
+                     f"{d['prompt_len']}+{d['new_tokens']} tokens ({where})", fontsize=9)
         save(fig, "bench_decode.png")
     if "depth" in r:
         d = r["depth"]

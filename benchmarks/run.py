@@ -3,6 +3,7 @@
     python -m benchmarks.run --out docs/benchmarks.json            # make bench: 1-4, plots docs/bench_*.png
     python -m benchmarks.run --quick --out bench-quick.json        # make bench-quick: reduced 1-3, < 3 min
     python -m benchmarks.run --sections serving --out s.json       # one part
+    python -m benchmarks.run --from-json docs/benchmarks.json --plots docs   # redraw tables and plots
 
 Headline keys in the JSON: decode_speedup_vs_hf_b1, decode_speedup_vs_hf_b32, depth_fit_r2,
 mesh_overhead_vs_base, mixed_depth_cost_ratio (and serving_c32_over_c1 when serving runs).
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "uvicorn server. Writes JSON with the headline ratios; prints markdown tables.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="where to write the results")
+    p.add_argument("--out", type=Path, metavar="FILE.json", help="where to write the results (required unless --from-json)")
     p.add_argument("--quick", action="store_true", help="reduced sections 1-3 (64 new tokens, 3 repetitions), under 3 minutes")
     p.add_argument("--tiny", action="store_true", help="a tiny random model and a few steps: checks the machinery (tests)")
     p.add_argument("--sections", default=None, metavar="LIST",
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR",
                    help="write docs-style PNGs (bench_*.png) here; default: the --out directory for a full run, none for --quick/--tiny")
+    p.add_argument("--from-json", type=Path, default=None, metavar="FILE.json",
+                   help="measure nothing: print the tables and draw the plots (--plots DIR) of an earlier run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -82,7 +85,12 @@ def headline(results: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_json is not None:
+        return replay(args)
+    if args.out is None:
+        parser.error("--out is required (or --from-json to redraw an earlier run)")
     plan_name = "tiny" if args.tiny else "quick" if args.quick else "full"
     plan = PLANS[plan_name]
     default_sections = SECTIONS if plan_name == "full" else SECTIONS[:3]
@@ -153,6 +161,20 @@ def main(argv=None) -> int:
         print("plots: " + ", ".join(str(p) for p in written), file=sys.stderr)
     print(report.markdown(results))
     print(f"wrote {args.out} in {results['total_seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def replay(args) -> int:
+    from . import report
+
+    try:
+        results = json.loads(args.from_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"benchmarks.run: error: cannot read {args.from_json}: {e}", file=sys.stderr)
+        return 2
+    if args.plots is not None:
+        print("plots: " + ", ".join(str(p) for p in report.plots(results, args.plots)), file=sys.stderr)
+    print(report.markdown(results))
     return 0
 
 
