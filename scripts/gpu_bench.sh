@@ -16,7 +16,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-.venv/bin/python}
+# The repo's environment (make setup) when present, else the machine's python3, which needs a CUDA build
+# of torch and the project's dependencies (pip install -e ".[dev]").
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 OUT=${OUT:-runs/gpu-bench}
 TEXT=${TEXT:-../shared/data/tinyshakespeare.txt}
 STEPS=${STEPS:-30}        # optimizer steps of the MFU run
@@ -31,7 +35,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 # 1. Decode / depth / mixed tables on CUDA (the serving sweep stays a CPU-side measurement).
-timeout 240 "$PYTHON" -m benchmarks.run --device cuda --sections decode,depth,mixed --quiet \
+timeout 180 "$PYTHON" -m benchmarks.run --device cuda --sections decode,depth,mixed --quiet \
     --out "$OUT/bench_cuda.json" --plots "$OUT" | tee "$OUT/bench_cuda.md"
 
 # 2. mesh-160m training throughput and MFU.
@@ -41,7 +45,7 @@ if [ ! -f "$TEXT" ]; then
 fi
 timeout 60 "$PYTHON" -m training.prepare --input "$TEXT" --out "$OUT/data" --vocab-size 8192 --quiet
 rm -rf "$OUT/train-160m"
-timeout 240 "$PYTHON" -m training.train --config training/configs/mesh-160m.toml --data "$OUT/data" \
+timeout 210 "$PYTHON" -m training.train --config training/configs/mesh-160m.toml --data "$OUT/data" \
     --out "$OUT/train-160m" --quiet \
     --set train.max_steps="$STEPS" --set train.batch_size="$BATCH" --set train.micro_batch_size="$MICRO" \
     --set train.warmup_steps=2 --set train.log_interval=5 --set train.eval_interval=0 --set train.eval_windows=2 \
