@@ -6,6 +6,7 @@
 #   3. mesh-160m (2+4R2+2, d=768, seq 2048) training throughput and MFU, bf16 + torch.compile.
 #
 #   OUT=/tmp/gc scripts/gpu_check.sh           # PYTHON=python3 where there is no .venv
+#   ONLY="train" scripts/gpu_check.sh          # a subset of: engine bench train
 #
 # Wheels under .whl/ (e.g. transformers==5.24.*, which the GPU image may lack) are installed to
 # /tmp/site first. Each step has its own time limit and a failing step does not stop the others.
@@ -24,6 +25,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/env.txt"
 
+ONLY=${ONLY:-engine bench train}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, record the exit status
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
@@ -34,16 +37,17 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, re
 }
 
 # 1. correctness (and a first speed figure) on CUDA
-step engine_bf16 75 "$PY" scripts/engine_check.py --model model/default --device cuda --dtype bfloat16 \
+want engine && step engine_bf16 75 "$PY" scripts/engine_check.py --model model/default --device cuda --dtype bfloat16 \
     --batch 1 32 --new-tokens 64 --out "$OUT/engine_default_bf16.json"
 
 # 2. decode vs HF, cost per depth, mixed-depth batching on CUDA
-step bench_cuda 120 "$PY" -m benchmarks.run --quick --device cuda --sections decode,depth,mixed --quiet \
+want bench && step bench_cuda 120 "$PY" -m benchmarks.run --quick --device cuda --sections decode,depth,mixed --quiet \
     --out "$OUT/bench_cuda.json"
 
 # 3. mesh-160m training MFU (any text will do for throughput: the repository's own sources)
+if want train; then
 CORPUS="$OUT/corpus.txt"
-for _ in 1 2 3 4 5 6; do cat $(git ls-files '*.py' '*.md' '*.toml' 2>/dev/null || find . -name '*.py'); done > "$CORPUS"
+for _ in 1 2 3 4 5 6; do find model server training benchmarks tests -name '*.py' -exec cat {} +; done > "$CORPUS"
 step prepare 30 "$PY" -m training.prepare --input "$CORPUS" --out /tmp/gc-data --vocab-size 8192 --quiet
 step train_160m 150 "$PY" -m training.train --config training/configs/mesh-160m.toml --data /tmp/gc-data \
     --out /tmp/gc-train --quiet --set train.max_steps=14 --set train.batch_size=16 --set train.micro_batch_size=16 \
@@ -51,4 +55,5 @@ step train_160m 150 "$PY" -m training.train --config training/configs/mesh-160m.
     --set train.checkpoint_interval=0
 cp /tmp/gc-train/metrics.jsonl "$OUT/train_160m_metrics.jsonl" 2>/dev/null
 rm -f "$CORPUS"
+fi
 echo "done: $(ls "$OUT")"
