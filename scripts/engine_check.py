@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from model import MeshConfig, MeshForCausalLM  # noqa: E402
 from server import Engine, EngineConfig, SamplingParams  # noqa: E402
-from server.engine import load, resolve_device, resolve_dtype  # noqa: E402
+from model.device import resolve_device  # noqa: E402
+from server.engine import load, resolve_dtype  # noqa: E402
 
 
 class ByteTokenizer:

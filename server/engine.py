@@ -36,6 +36,7 @@ import torch
 
 import model as mesh_model
 from model import MeshForCausalLM
+from model.device import resolve_device
 
 from .detokenizer import Detokenizer
 from .kv_pool import KVPool
@@ -90,18 +91,6 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

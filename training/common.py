@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from model.device import resolve_device
+
 
 class UsageError(Exception):
     """Bad input from the user (missing file, bad config value): printed as one line, exit code 2."""
@@ -88,15 +90,10 @@ def replace_dir_atomic(tmp: str | os.PathLike, final: str | os.PathLike) -> None
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"bad device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' asked for, but CUDA is not available on this machine")
-    return device
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
