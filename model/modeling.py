@@ -252,9 +252,7 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
                 return None  # is_causal / attend-to-all
             key_valid = torch.ones(B, S, dtype=torch.bool, device=device)
         else:
-            if attention_mask.shape[-1] != S:
-                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {S}")
-            key_valid = attention_mask.bool()
+            key_valid = attention_mask.bool()  # (B, S): forward() checked its shape
         q_pos = torch.arange(past, S, device=device)  # (T,)
         k_pos = torch.arange(S, device=device)  # (S,)
         causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
