@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-import model as mesh_model
+from model import DEFAULT_MODEL
 from model import MeshConfig, MeshForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = Path(mesh_model.__file__).resolve().parent / "default"
 DEFAULT_TOML = ROOT / "training" / "configs" / "shakespeare-default.toml"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from server.kv_pool import KVPool
-from server.scheduler import Scheduler
-from server.sequence import Sequence
+from server.engine.kv_pool import KVPool
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
 
 from .common import FixedBatch, Subject, greedy, interleave, median
 

@@ -29,10 +29,11 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from model import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "mesh.json"
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-DEFAULT_MODEL = ROOT / "model" / "default"
 
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 _LEGEND = re.compile(r"\{\{\s*(\w+)\s*\}\}")

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def api_keys(args: argparse.Namespace) -> list[str]:
     """Keys from --api-key (or MESH_API_KEY) and --api-key-file; ValueError (one line, no key shown) when bad."""
-    from .security import check_key, read_key_file
+    from .api.security import check_key, read_key_file
 
     keys = list(args.api_key or [])
     if not keys and os.environ.get("MESH_API_KEY", "").strip():
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .app import create_app
+    from .api.app import create_app
     from .engine import Engine, EngineConfig
 
     if args.threads:

@@ -23,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import __main__ as server_cli
-from server.app import create_app
+from server.api.app import create_app
 from server.engine import Engine, EngineConfig
 from server_fixtures import build_checkpoint
 

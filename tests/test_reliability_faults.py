@@ -15,9 +15,10 @@ import time
 import httpx
 import pytest
 
-from server import Engine, EngineConfig, SamplingParams, sampling
-from server.app import create_app
-from server.detokenizer import Detokenizer
+from server import Engine, EngineConfig, SamplingParams
+from server.engine import sampler as sampling
+from server.api.app import create_app
+from server.engine.detokenizer import Detokenizer
 from server_fixtures import reference_greedy, same_greedy
 
 PROMPTS = ["First Citizen:", "All: Speak"]
@@ -198,7 +199,7 @@ def test_when_the_engine_loop_dies_every_request_ends_and_health_is_503(ckpt, mo
 ENGINE_DIES = """
 import sys
 from server import __main__ as cli
-from server.scheduler import Scheduler
+from server.engine.scheduler import Scheduler
 real = Scheduler.schedule
 def schedule(self):
     if any(s.params.max_tokens == 13 for s in self.waiting):

@@ -16,12 +16,12 @@ import httpx
 from starlette.testclient import TestClient
 
 from server import Engine, EngineConfig
-from server.app import create_app
+from server.api.app import create_app
 
 SLOW = """
 import sys, time
 from server import __main__ as cli
-from server.model_runner import ModelRunner
+from server.engine.model_runner import ModelRunner
 real = ModelRunner.decode
 def decode(self, seqs):
     time.sleep(0.01)

@@ -14,8 +14,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from server import __main__ as cli
-from server import security
-from server.app import create_app
+from server.api import security
+from server.api.app import create_app
 from server_fixtures import build_checkpoint
 
 KEYS = ["key-one-0123456789", "key-two-abcdefghij"]

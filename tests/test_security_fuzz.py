@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from server import Engine, EngineConfig
-from server.app import create_app
+from server.api.app import create_app
 from server_fixtures import reference_greedy
 
 EXAMPLES = int(os.environ.get("MESH_FUZZ_EXAMPLES", "150"))

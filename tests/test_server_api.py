@@ -16,7 +16,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import Engine, EngineConfig, SamplingParams
-from server.app import create_app
+from server.api.app import create_app
 from server_fixtures import build_checkpoint, reference_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
 
 PROMPT = "First Citizen:"

@@ -15,7 +15,7 @@ import torch
 
 from server import Engine, EngineConfig
 from server import __main__ as cli
-from server.app import create_app
+from server.api.app import create_app
 from server.engine import DEFAULT_MODEL
 from server_fixtures import one_torch_thread  # noqa: F401 (autouse fixture)
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from server import Engine, EngineConfig, SamplingParams
-from server.detokenizer import Detokenizer
+from server.engine.detokenizer import Detokenizer
 from server.engine import RequestError
-from server.kv_pool import KVPool
-from server.sampling import BatchSampling, apply_top_k_top_p, exponential_race, sample
-from server.sequence import Sequence
+from server.engine.kv_pool import KVPool
+from server.engine.sampler import BatchSampling, apply_top_k_top_p, exponential_race, sample
+from server.engine.sequence import Sequence
 from server_fixtures import LINES, build_checkpoint, reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

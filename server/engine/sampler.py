@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
     prompt_logprobs: bool = False  # logprobs of the prompt tokens too (``echo`` with ``logprobs``)
     ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks)
+    min_tokens: int = 0  # no end-of-text or stop-string finish before this many tokens
     detokenize: bool = True  # build the text incrementally (stop strings need it)
 
     def __post_init__(self):
@@ -46,6 +47,8 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             bad(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -136,3 +139,46 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
     chosen = lp.gather(1, tokens[:, None]).squeeze(1)
     top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])
     return chosen, top_ids, top_lp
+
+
+class Sampler:
+    """The engine's token choice for one step: rows' next tokens and, where asked, their logprobs.
+
+    ``sampler(seqs, logits)`` -> (tokens, {row: [(logprob, [(id, logprob), ...])]}); rows are `seqs`
+    in order (each has ``params`` and ``generator``). The tensors of a batch's parameters are rebuilt
+    only when the batch changes.
+    """
+
+    def __init__(self, vocab_size: int, device):
+        self.vocab_size, self.device = vocab_size, device
+        self._key: tuple = ()
+        self._batch: BatchSampling | None = None
+
+    def _batch_sampling(self, seqs) -> BatchSampling:
+        key = tuple(s.id for s in seqs)
+        if key != self._key:
+            self._key = key
+            self._batch = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.vocab_size, self.device)
+        return self._batch
+
+    def __call__(self, seqs, logits: torch.Tensor) -> tuple[list[int], dict[int, list]]:
+        tokens_t = sample(logits, self._batch_sampling(seqs))
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        lp_rows = {}
+        if want:
+            pick = torch.tensor(want, device=logits.device)
+            k = max(seqs[i].params.logprobs for i in want)
+            chosen, top_ids, top_lp = token_logprobs(logits[pick], tokens_t[pick], k)
+            chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
+            for j, i in enumerate(want):
+                kk = seqs[i].params.logprobs
+                lp_rows[i] = [(chosen[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))]
+        return tokens_t.tolist(), lp_rows
+
+
+def prompt_logprobs(prompt_ids: list[int], logits: torch.Tensor, k: int) -> list:
+    """Per prompt token: None for the first, else (logprob, top-k list) under the preceding context.
+    logits: (len(prompt_ids), V), row i predicting token i + 1."""
+    ids = torch.tensor(prompt_ids[1:], device=logits.device)
+    chosen, top_ids, top_lp = token_logprobs(logits[:-1], ids, k)
+    return [None] + [(c, list(zip(ti, tl))) for c, ti, tl in zip(chosen.tolist(), top_ids.tolist(), top_lp.tolist())]

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-import model as mesh_model
-from model import MeshForCausalLM
+from model import DEFAULT_MODEL, MeshForCausalLM
 from model.device import resolve_device
 
 from .detokenizer import Detokenizer
@@ -43,13 +42,12 @@ from .kv_pool import KVPool
 from .loading import load_checkpoint
 from .metrics import Metrics
 from .model_runner import ModelRunner
-from .sampling import BatchSampling, SamplingParams, sample, token_logprobs
+from .sampler import Sampler, SamplingParams, prompt_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, StepOutput
 
 log = logging.getLogger("server.engine")
 
-DEFAULT_MODEL = Path(mesh_model.__file__).resolve().parent / "default"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -196,8 +194,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None  # why the engine thread died, if it did
-        self._sampling_key: tuple = ()
-        self._sampling: BatchSampling | None = None
+        self.sampler = Sampler(self.vocab_size, self.device)
 
     # ---- tokens <-> text ----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -361,24 +358,17 @@ class Engine:
                 outputs.append(StepOutput(seq, [], "", None, "error", error="the model produced non-finite logits"))
         return [s for s, good in zip(seqs, ok) if good], logits[finite], outputs
 
-    def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
-        key = tuple(s.id for s in seqs)
-        if key != self._sampling_key:  # rebuilt only when the batch changes
-            self._sampling_key = key
-            self._sampling = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.vocab_size, self.device)
-        return self._sampling
-
     @torch.inference_mode()
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         outputs = []
         try:
-            tokens, lp_rows = self._choose(seqs, logits)
+            tokens, lp_rows = self.sampler(seqs, logits)
         except Exception:  # a fault in one row's sampling must not fail its neighbours: each row alone
             log.exception("sampling failed for a batch of %d sequences: retrying each alone", len(seqs))
             tokens, lp_rows, keep = [], {}, []
             for i, seq in enumerate(seqs):
                 try:
-                    (tok,), lp = self._choose([seq], logits[i : i + 1])
+                    (tok,), lp = self.sampler([seq], logits[i : i + 1])
                 except Exception as e:
                     outputs.append(self._fail(seq, e))
                     continue
@@ -401,9 +391,10 @@ class Engine:
                 seq.last_token_at = now
                 p = seq.params
                 reason = None
-                if tok == self.eos_token_id and not p.ignore_eos:
+                stop_ok = len(seq.output_ids) >= p.min_tokens
+                if tok == self.eos_token_id and not p.ignore_eos and stop_ok:
                     reason = "stop"
-                elif seq.detok is not None and seq.detok.add(tok):
+                elif seq.detok is not None and seq.detok.add(tok) and stop_ok:
                     reason = "stop"  # a stop string
                 if reason is None and len(seq.output_ids) >= p.max_tokens:
                     reason = "length"
@@ -425,31 +416,10 @@ class Engine:
         self._finish(seq, "error")
         return StepOutput(seq, [], "", None, "error", error=f"{type(e).__name__}: {e}")
 
-    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, list]]:
-        """Each row's next token and, when asked, its logprobs: row i -> tokens[i], lp_rows[i]."""
-        tokens_t = sample(logits, self._batch_sampling(seqs))
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        lp_rows = {}
-        if want:
-            pick = torch.tensor(want, device=logits.device)
-            k = max(seqs[i].params.logprobs for i in want)
-            chosen, top_ids, top_lp = token_logprobs(logits[pick], tokens_t[pick], k)
-            chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
-            for j, i in enumerate(want):
-                kk = seqs[i].params.logprobs
-                lp_rows[i] = [(chosen[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))]
-        return tokens_t.tolist(), lp_rows
-
     def _prompt_logprobs(self, seqs: list[Sequence], prompt_logits: list) -> None:
-        """Per prompt token: None for the first, else (logprob, top list) under the preceding context."""
         for seq, logits in zip(seqs, prompt_logits):
-            if logits is None:
-                continue
-            ids = torch.tensor(seq.prompt_ids[1:], device=logits.device)
-            chosen, top_ids, top_lp = token_logprobs(logits[:-1], ids, seq.params.logprobs or 0)
-            seq.prompt_logprobs = [None] + [
-                (c, list(zip(ti, tl))) for c, ti, tl in zip(chosen.tolist(), top_ids.tolist(), top_lp.tolist())
-            ]
+            if logits is not None:
+                seq.prompt_logprobs = prompt_logprobs(seq.prompt_ids, logits, seq.params.logprobs or 0)
 
     # ---- synchronous use ----------------------------------------------------------------------
     def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None, loops: int | None = None,

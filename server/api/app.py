@@ -25,8 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineDead, QueueFull, RequestError
-from .metrics import CONTENT_TYPE_LATEST
+from ..engine import Engine, EngineDead, QueueFull, RequestError
+from ..engine.metrics import CONTENT_TYPE_LATEST
 from .protocol import (
     CompletionRequest,
     DetokenizeRequest,
@@ -37,10 +37,10 @@ from .protocol import (
     now,
     usage,
 )
-from .sampling import SamplingParams
+from ..engine.sampler import SamplingParams
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
 
-log = logging.getLogger("server.app")
+log = logging.getLogger("server.api.app")
 
 COMPLETIONS = "/v1/completions"
 RETRY_AFTER_S = 1

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 
 from .protocol import error_body
 
-log = logging.getLogger("server.security")
+log = logging.getLogger("server.api.security")
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: what an HTTP header carries intact

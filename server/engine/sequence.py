@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .detokenizer import Detokenizer
-from .sampling import SamplingParams
+from .sampler import SamplingParams
 
 _ids = itertools.count()
 

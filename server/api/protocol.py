@@ -12,7 +12,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from .sampling import MAX_LOGPROBS
+from ..engine.sampler import MAX_LOGPROBS
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 8  # stop strings per request
