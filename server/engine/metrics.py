@@ -9,7 +9,11 @@
     mesh_e2e_request_latency_seconds
     mesh_request_queue_time_seconds
     mesh_request_loops                          requested depth, per request
-    mesh_requests_running / mesh_requests_waiting / mesh_kv_cache_usage_ratio / mesh_max_waiting   gauges
+    mesh_requests_running / mesh_requests_waiting / mesh_max_waiting   gauges
+    mesh_kv_cache_usage_ratio                   used K/V blocks / all blocks of the pool (0-1)
+    mesh_num_preemptions_total                  running sequences preempted (blocks freed, recomputed later)
+    mesh_prefix_cache_queries_total             prompt tokens looked up in the prefix cache
+    mesh_prefix_cache_hits_total                of those, tokens whose K/V were found cached
     mesh_model_info{layout,scheme,max_loops,...} the model being served (prometheus-client's Info: value 1)
 
 Each `Metrics` has its own registry, so several apps (tests) can live in one process.
@@ -44,7 +48,10 @@ class Metrics:
         self.loops = Histogram("mesh_request_loops", "Requested recursion depth", buckets=tuple(range(1, max_loops + 1)), registry=r)
         self.running = Gauge("mesh_requests_running", "Sequences in the running batch", registry=r)
         self.waiting = Gauge("mesh_requests_waiting", "Sequences waiting for admission", registry=r)
-        self.kv_usage = Gauge("mesh_kv_cache_usage_ratio", "Reserved share of the KV byte budget (0-1)", registry=r)
+        self.kv_usage = Gauge("mesh_kv_cache_usage_ratio", "Used share of the K/V block pool (0-1)", registry=r)
+        self.preemptions = Counter("mesh_num_preemptions", "Running sequences preempted for lack of K/V blocks", registry=r)
+        self.prefix_queries = Counter("mesh_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("mesh_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
         self.max_waiting = Gauge("mesh_max_waiting", "Bound of the waiting queue (429 past it)", registry=r)
         self.model = Info("mesh_model", "The model being served", registry=r)
         self._gen = {k: self.generation_tokens.labels(loops=str(k)) for k in range(1, max_loops + 1)}
