@@ -12,14 +12,24 @@ Schemes: base h' = core(h); residual h' = core(h) + h; anchor h' = core(h) + h^(
 anchor_emb h' = core(h) + h_emb; mesh: a per-token buffer of B slots with step-wise write/read
 routers (see `Recurrence`). The vanilla model is the prelude alone.
 
+The forward is composed of stages the server's engine also calls one by one (a draft at depth d keeps
+the state after iteration d and a verify pass resumes from it):
+
+    ctx   = model.layer_context(position_ids, mask, cache, past, K)
+    state = model.start(model.embed(ids), ctx)   # embeddings + prelude -> h^(0) (+ the MeSH buffer)
+    state = model.iterate(state, t0, t1, ctx)    # core iterations t0 .. t1-1
+    logits = model.compute_logits(model.finish(state, ctx))   # coda, final norm, output embedding
+
 Positions are explicit (``position_ids``) and the KV cache is an object with
-``update(k, v, layer_idx, cache_kwargs)`` (see cache.py): HF ``generate()``, the eval loop and the
-server's batched pool all go through this one forward.
+``update(k, v, layer_idx, cache_kwargs)`` (see cache.py), or, for a paged cache that computes
+attention over its own blocks, ``attend(q, k, v, cache_kwargs)``: HF ``generate()``, the eval loop and
+the server's engine all go through these stages.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +81,9 @@ class Attention(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
+            attend = getattr(cache, "attend", None)
+            if attend is not None:  # a paged cache (the server's block pool) writes and attends itself
+                return self.dense(attend(q, k, v, cache_kwargs).transpose(1, 2).reshape(B, T, C))
             k, v = cache.update(k, v, layer_idx, cache_kwargs)  # (B, nh, S, hs): past + current
         p = self.dropout if self.training else 0.0
         if mask is None:
@@ -157,10 +170,28 @@ class Recurrence(nn.Module):
             return {"h": h_m + state["anchor"], "anchor": state["anchor"]}
         return {"h": h_m}  # base
 
+    def read_out(self, state: dict, loops: int) -> torch.Tensor:
+        """The coda's input after `loops` core iterations: h^(K), the last read."""
+        return state["h"]
+
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class LayerContext:
+    """Per-call inputs of every layer application: rotary tables (B, 1, T, rd), the attention mask
+    (B, 1, T, S) or None, the cache, positions already cached, the call's depth K and per-row depths."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    cache: object
+    past: int
+    loops: int
+    row_loops: list[int] | None = None
+
+
 class MeshPreTrainedModel(PreTrainedModel):
     config_class = MeshConfig
     config: MeshConfig
@@ -306,42 +337,14 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
 
-        h_emb = self.embed_in(input_ids)  # (B, T, D)
-        if cfg.scale_embeddings:
-            h_emb = h_emb * math.sqrt(cfg.hidden_size)
-        cos, sin = rotary_cos_sin(cfg, position_ids, h_emb.dtype)  # (B, 1, T, rd)
-        mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
-
-        def run(layers, h, stage, t=0):
-            n = h.shape[0]  # the rows of this stage (a prefix of the batch)
-            m = None if mask is None else mask[:n]
-            for j, layer in enumerate(layers):
-                kw = {"cache_position": past, "stage": stage, "index": j, "iteration": t, "rows": n}
-                h = layer(h, cos[:n], sin[:n], m, cache, virtual_layer(cfg, stage, j, t, K), kw)
-            return h
-
-        h_pre = run(self.prelude, h_emb, "prelude")
-        hidden = [h_emb]
-        if cfg.is_recursive:
-            state = self.recurrence.start(h_emb, h_pre)
-            hidden.append(state["h"])
-            for t in range(K):
-                n = B if row_loops is None else sum(k > t for k in row_loops)
-                sub = state if n == B else {name: v[:n] for name, v in state.items()}
-                sub = self.recurrence.step(t, sub, run(self.core, sub["h"], "core", t))
-                state = sub if n == B else {name: torch.cat((v, state[name][n:])) for name, v in sub.items()}
-                hidden.append(state["h"])
-            h = state["h"]
-        else:
-            h = h_pre
+        ctx = self.layer_context(position_ids, attention_mask, cache, past, K, row_loops)
+        hidden = [] if output_hidden_states else None
+        state = self.start(self.embed(input_ids), ctx, hidden)
+        state = self.iterate(state, 0, K, ctx, hidden)
+        h = self.finish(state, ctx)
+        if hidden is not None:
             hidden.append(h)
-        h = run(self.coda, h, "coda")
-        hidden.append(h)
-
-        h = self.final_layer_norm(h)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.embed_out(h)  # (B, T or logits_to_keep, V)
+        logits = self.compute_logits(h[:, -logits_to_keep:] if logits_to_keep else h)  # (B, T or logits_to_keep, V)
 
         loss = None
         if labels is not None:
@@ -354,6 +357,63 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
             cache=cache if use_cache else None,
             hidden_states=tuple(hidden) if output_hidden_states else None,
         )
+
+    # ---- stages: forward = start -> iterate(0, K) -> finish -> compute_logits ----------------------
+    # The engine calls them separately: a draft at depth d runs iterate(0, d) and keeps the state;
+    # verifying resumes with iterate(d, K). Core iteration t computes the same whatever K is.
+    def layer_context(self, position_ids, attention_mask=None, cache=None, past: int = 0, loops: int | None = None,
+                      row_loops=None) -> "LayerContext":
+        """What every layer application of one call needs besides h: rotary tables, mask, cache, depths."""
+        K = self.config.default_loops if loops is None else loops
+        cos, sin = rotary_cos_sin(self.config, position_ids, self.embed_in.weight.dtype)  # (B, 1, T, rd)
+        B, T = position_ids.shape
+        mask = self._attention_mask(attention_mask, B, T, past, position_ids.device)
+        return LayerContext(cos, sin, mask, cache, past, K, row_loops)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h_emb = self.embed_in(input_ids)  # (B, T, D)
+        return h_emb * math.sqrt(self.config.hidden_size) if self.config.scale_embeddings else h_emb
+
+    def start(self, h_emb: torch.Tensor, ctx: "LayerContext", hidden: list | None = None) -> dict:
+        """Embeddings -> prelude -> the recurrence state before core iteration 0 (state["h"] is h^(0))."""
+        h_pre = self._run(self.prelude, h_emb, ctx, "prelude")
+        state = self.recurrence.start(h_emb, h_pre) if self.config.is_recursive else {"h": h_pre}
+        if hidden is not None:
+            hidden += [h_emb, state["h"]]
+        return state
+
+    def iterate(self, state: dict, t0: int, t1: int, ctx: "LayerContext", hidden: list | None = None) -> dict:
+        """Core iterations t0 .. t1-1 from `state`. With per-row depths (rows sorted deepest first) iteration
+        t runs only the prefix of rows with loops > t; the other rows' state passes through unchanged."""
+        if not self.config.is_recursive:
+            return state
+        B = state["h"].shape[0]
+        for t in range(t0, t1):
+            n = B if ctx.row_loops is None else sum(k > t for k in ctx.row_loops)
+            sub = state if n == B else {name: v[:n] for name, v in state.items()}
+            sub = self.recurrence.step(t, sub, self._run(self.core, sub["h"], ctx, "core", t))
+            state = sub if n == B else {name: torch.cat((v, state[name][n:])) for name, v in sub.items()}
+            if hidden is not None:
+                hidden.append(state["h"])
+        return state
+
+    def finish(self, state: dict, ctx: "LayerContext") -> torch.Tensor:
+        """The recurrence state after K iterations -> coda output (B, T, D), before the final norm."""
+        h = self.recurrence.read_out(state, ctx.loops) if self.config.is_recursive else state["h"]
+        return self._run(self.coda, h, ctx, "coda")
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Coda outputs (..., D) -> logits (..., V): the final norm and the output embedding."""
+        return self.embed_out(self.final_layer_norm(h))
+
+    def _run(self, layers, h: torch.Tensor, ctx: "LayerContext", stage: str, t: int = 0) -> torch.Tensor:
+        n = h.shape[0]  # the rows of this stage (a prefix of the batch)
+        m = None if ctx.mask is None else ctx.mask[:n]
+        for j, layer in enumerate(layers):
+            kw = {"cache_position": ctx.past, "stage": stage, "index": j, "iteration": t, "rows": n}
+            layer_idx = virtual_layer(self.config, stage, j, t, ctx.loops)
+            h = layer(h, ctx.cos[:n], ctx.sin[:n], m, ctx.cache, layer_idx, kw)
+        return h
 
     # ---- generate() integration -------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):

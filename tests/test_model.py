@@ -476,3 +476,21 @@ def test_hidden_states_loss_and_logits_to_keep():
         assert torch.allclose(out.loss, expected)
         last = m(ids, loops=3, logits_to_keep=1, use_cache=False).logits
         assert last.shape == (2, 1, VOCAB) and torch.allclose(last[:, 0], out.logits[:, -1], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@torch.inference_mode()
+def test_stages_compose_to_forward(case):
+    """start -> iterate(0, d) -> iterate(d, K) -> finish -> compute_logits equals forward for every split
+    point d: the state after iteration d is all a later resume needs (depth-continuation drafting)."""
+    layout, scheme, K, extra = case
+    m = build(layout, scheme, **extra)
+    ids = rand_ids(2, 9)
+    ref = m(ids, loops=K, use_cache=False).logits
+    pos = torch.arange(9)[None].expand(2, 9)
+    for d in range(K + 1):
+        ctx = m.layer_context(pos, loops=K)
+        state = m.iterate(m.start(m.embed(ids), ctx), 0, d, ctx)
+        state = m.iterate(state, d, K, ctx)
+        logits = m.compute_logits(m.finish(state, ctx))
+        assert torch.equal(logits, ref), (case, d)
