@@ -6,7 +6,9 @@ tokens twice, with and without the newest, and emit the difference once it is no
 UTF-8 sequence ("\ufffd" at the end).
 
 Stop strings: the text is searched after each token, and a stream holds back the last
-``len(longest stop) - 1`` characters, since they may be the start of a stop string.
+``len(longest stop) - 1`` characters, since they may be the start of a stop string. With
+``min_tokens``, stop strings are searched only from that many tokens on, and only in text that
+includes the newest token's (as vLLM does): a stop string completed earlier never ends the output.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ PROMPT_CONTEXT = 4  # prompt tokens kept as decoding context for the first outpu
 
 
 class Detokenizer:
-    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int], stop: tuple[str, ...] = (),
+                 min_tokens: int = 0):
         self.decode = decode
         self.ids = list(prompt_ids[-PROMPT_CONTEXT:])
         self.prefix = 0  # self.ids[prefix:read] decodes to text that has been emitted already
@@ -27,10 +30,13 @@ class Detokenizer:
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.stopped = False
+        self.min_tokens = min_tokens
+        self.added = 0  # tokens added so far
 
     def add(self, token_id: int) -> bool:
         """Appends one token; returns True when the text now contains a stop string (and is cut before it)."""
         self.ids.append(token_id)
+        self.added += 1
         before = self.decode(self.ids[self.prefix : self.read])
         after = self.decode(self.ids[self.prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
@@ -41,7 +47,7 @@ class Detokenizer:
         if len(self.ids) > 64:  # keep the window short; only ids from `prefix` on are decoded
             cut = self.prefix
             self.ids, self.prefix, self.read = self.ids[cut:], 0, self.read - cut
-        if self.stop:
+        if self.stop and self.added >= self.min_tokens:
             lo = max(0, start - self.hold)  # a stop string may begin in the previous chunk
             hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
             if hits:

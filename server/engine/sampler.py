@@ -1,5 +1,9 @@
 """Sampling parameters and the per-step token choice: small pure functions over a (B, V) logits batch.
 
+Before the draw, a row's logits are adjusted as vLLM does, in this order: ``logit_bias``, ``min_tokens``
+(the end-of-text token is masked while fewer tokens were generated), then the repetition, frequency
+and presence penalties. Logprobs are reported from the model's raw distribution (vLLM's default).
+
 Every sampled row draws its noise from its own ``torch.Generator`` (seeded by the request), in
 vocabulary order, whatever the other rows are: the same seed and parameters give the same tokens
 whether the request runs alone or inside a busy batch. Greedy rows (temperature 0) take the argmax.
@@ -34,10 +38,17 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the end-of-text token (benchmarks)
     min_tokens: int = 0  # no end-of-text or stop-string finish before this many tokens
     detokenize: bool = True  # build the text incrementally (stop strings need it)
+    presence_penalty: float = 0.0  # [-2, 2]: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # [-2, 2]: times how often each token was generated so far, subtracted
+    repetition_penalty: float = 1.0  # (0, 2]: tokens of the prompt or output: logit / p if > 0, else logit * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits; a dict works too
 
     def __post_init__(self):
         def bad(msg):
             raise ValueError(msg)
+
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
 
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
@@ -55,6 +66,21 @@ class SamplingParams:
             bad("stop strings must be non-empty strings")
         if self.stop and not self.detokenize:
             bad("stop strings need detokenize=True")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        for tok, bias in self.logit_bias:
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                bad(f"logit_bias keys must be token ids (integers >= 0), got {tok!r}")
+            if not -100.0 <= bias <= 100.0:
+                bad(f"logit_bias values must be in [-100, 100], got {bias!r} for token {tok}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens seen so far change this row's logits."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -77,13 +103,20 @@ class BatchSampling:
     top_p: torch.Tensor | None  # (B,) float, 1 where off; None when no row filters
     sampled: torch.Tensor | None  # (S,) long: indices of the non-greedy rows; None when all are greedy
     generators: list = field(default_factory=list)  # one per sampled row, in `sampled` order
+    bias: tuple | None = None  # (rows, token ids, values) of every row's logit_bias; None when no row has one
+    min_rows: list = field(default_factory=list)  # rows with min_tokens > 0 whose end-of-text token is a stop
+    penalties: "Penalties | None" = None
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list, vocab: int, device) -> "BatchSampling":
+    def build(cls, params: list[SamplingParams], generators: list, vocab: int, device,
+              prompts: list | None = None) -> "BatchSampling":
+        """``prompts``: each row's prompt ids (the repetition penalty counts them); needed only when a row has it."""
         rows = [i for i, p in enumerate(params) if not p.greedy]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        adjust = dict(bias=_bias(params, device), min_rows=[i for i, p in enumerate(params) if p.min_tokens and not p.ignore_eos],
+                      penalties=Penalties.build(params, prompts, vocab, device))
         if not rows:
-            return cls(temperature, None, None, None, [])
+            return cls(temperature, None, None, None, [], **adjust)
         top_k = top_p = None
         if any(p.top_k > 0 for p in params):
             top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
@@ -91,7 +124,79 @@ class BatchSampling:
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         pick = torch.tensor(rows, device=device)
         sub = (lambda t: None if t is None else t[pick])
-        return cls(temperature[pick], sub(top_k), sub(top_p), pick, [generators[i] for i in rows])
+        return cls(temperature[pick], sub(top_k), sub(top_p), pick, [generators[i] for i in rows], **adjust)
+
+
+def _bias(params: list[SamplingParams], device) -> tuple | None:
+    entries = [(i, tok, b) for i, p in enumerate(params) for tok, b in p.logit_bias]
+    if not entries:
+        return None
+    rows, ids, values = zip(*entries)
+    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
+
+
+def token_counts(id_lists: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """(R, V) float: how often each token id occurs in each list."""
+    counts = torch.zeros(len(id_lists), vocab, device=device)
+    lengths = torch.tensor([len(x) for x in id_lists], device=device)
+    if int(lengths.sum()) == 0:
+        return counts
+    rows = torch.repeat_interleave(torch.arange(len(id_lists), device=device), lengths)
+    ids = torch.tensor([t for x in id_lists for t in x], device=device)
+    return counts.index_put_((rows, ids), torch.ones_like(ids, dtype=counts.dtype), accumulate=True)
+
+
+@dataclass
+class Penalties:
+    """The penalized rows of a batch: which they are, their three penalties, and (for the repetition
+    penalty) which tokens their prompts hold."""
+
+    rows: list[int]
+    presence: torch.Tensor  # (R, 1)
+    frequency: torch.Tensor  # (R, 1)
+    repetition: torch.Tensor  # (R, 1)
+    prompt_seen: torch.Tensor | None  # (R, V) bool; None when no row has a repetition penalty
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], prompts: list | None, vocab: int, device) -> "Penalties | None":
+        rows = [i for i, p in enumerate(params) if p.penalized]
+        if not rows:
+            return None
+        col = lambda name: torch.tensor([[getattr(params[i], name)] for i in rows], dtype=torch.float32, device=device)  # noqa: E731
+        seen = None
+        if any(params[i].repetition_penalty != 1.0 for i in rows):
+            if prompts is None:
+                raise ValueError("the repetition penalty needs the rows' prompt ids")
+            seen = token_counts([prompts[i] for i in rows], vocab, device) > 0
+        return cls(rows, col("presence_penalty"), col("frequency_penalty"), col("repetition_penalty"), seen)
+
+    def apply(self, logits: torch.Tensor, outputs: list[list[int]]) -> torch.Tensor:
+        """Penalized logits (R, V) of these rows, given their logits (R, V) and each row's output ids so far."""
+        counts = token_counts(outputs, logits.shape[-1], logits.device)
+        generated = counts > 0
+        seen = generated if self.prompt_seen is None else generated | self.prompt_seen
+        rep = self.repetition
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        return logits - self.frequency * counts - self.presence * generated
+
+
+def adjust_logits(logits: torch.Tensor, batch: BatchSampling, outputs: list[list[int]], eos_token_id: int | None,
+                  min_tokens: list[int]) -> torch.Tensor:
+    """logit_bias, then min_tokens, then the penalties, on a float copy of the (B, V) logits; the logits
+    themselves when no row asks for any of them. ``outputs``: each row's output ids so far."""
+    early = [i for i in batch.min_rows if len(outputs[i]) < min_tokens[i]] if eos_token_id is not None else []
+    if batch.bias is None and not early and batch.penalties is None:
+        return logits
+    logits = logits.float().clone()
+    if batch.bias is not None:
+        logits.index_put_(batch.bias[:2], batch.bias[2], accumulate=True)
+    if early:
+        logits[early, eos_token_id] = float("-inf")
+    if batch.penalties is not None:
+        rows = batch.penalties.rows
+        logits[rows] = batch.penalties.apply(logits[rows], [outputs[i] for i in rows])
+    return logits
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -145,12 +250,13 @@ class Sampler:
     """The engine's token choice for one step: rows' next tokens and, where asked, their logprobs.
 
     ``sampler(seqs, logits)`` -> (tokens, {row: [(logprob, [(id, logprob), ...])]}); rows are `seqs`
-    in order (each has ``params`` and ``generator``). The tensors of a batch's parameters are rebuilt
-    only when the batch changes.
+    in order (each has ``id``, ``params``, ``generator``, ``prompt_ids`` and ``output_ids``). The
+    tensors of a batch's parameters are rebuilt only when the batch changes. ``eos_token_id``: the
+    token that ``min_tokens`` masks (None: min_tokens masks nothing here).
     """
 
-    def __init__(self, vocab_size: int, device):
-        self.vocab_size, self.device = vocab_size, device
+    def __init__(self, vocab_size: int, device, eos_token_id: int | None = None):
+        self.vocab_size, self.device, self.eos_token_id = vocab_size, device, eos_token_id
         self._key: tuple = ()
         self._batch: BatchSampling | None = None
 
@@ -158,11 +264,15 @@ class Sampler:
         key = tuple(s.id for s in seqs)
         if key != self._key:
             self._key = key
-            self._batch = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.vocab_size, self.device)
+            self._batch = BatchSampling.build([s.params for s in seqs], [s.generator for s in seqs], self.vocab_size,
+                                              self.device, prompts=[s.prompt_ids for s in seqs])
         return self._batch
 
     def __call__(self, seqs, logits: torch.Tensor) -> tuple[list[int], dict[int, list]]:
-        tokens_t = sample(logits, self._batch_sampling(seqs))
+        batch = self._batch_sampling(seqs)
+        scores = adjust_logits(logits, batch, [s.output_ids for s in seqs], self.eos_token_id,
+                               [s.params.min_tokens for s in seqs])
+        tokens_t = sample(scores, batch)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lp_rows = {}
         if want:
