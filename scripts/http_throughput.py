@@ -6,7 +6,8 @@
         --requests 32 --max-tokens 128 --out /tmp/throughput.json
 
 Each request is a greedy completion of `--max-tokens` tokens (`ignore_eos`, so every request has the
-same length) through POST /v1/completions, `--requests` of them kept `--concurrency` in flight. Reported:
+same length) through POST /v1/completions, `--requests` of them kept `--concurrency` in flight
+(benchmarks/loadgen.py, one connection per request). Reported:
 aggregate output tokens/s (all completion tokens / wall time; with `--repeat N` the median of N runs),
 per-request tokens/s (median of each request's completion tokens / its latency), and errors. A short
 warm-up request before each run is not counted.
@@ -21,43 +22,26 @@ import json
 import statistics
 import sys
 import time
+import urllib.request
 
-import httpx
+from benchmarks.loadgen import offer, send
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
 
-async def one(client: httpx.AsyncClient, body: dict) -> tuple[int, float]:
-    t = time.perf_counter()
-    r = await client.post("/v1/completions", json=body)
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"], time.perf_counter() - t
-
-
 async def run(url: str, concurrency: int, requests: int, body: dict) -> dict:
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        await one(client, {**body, "max_tokens": 4})  # warm-up
-        sem = asyncio.Semaphore(concurrency)
-        errors = 0
-
-        async def bounded():
-            nonlocal errors
-            async with sem:
-                try:
-                    return await one(client, body)
-                except httpx.HTTPError:
-                    errors += 1
-                    return 0, 0.0
-
-        t = time.perf_counter()
-        done = await asyncio.gather(*(bounded() for _ in range(requests)))
-        wall = time.perf_counter() - t
+    await send(url, {**body, "max_tokens": 4})  # warm-up
+    t = time.perf_counter()
+    results = await offer(url, [body] * requests, concurrency=concurrency)
+    wall = time.perf_counter() - t
+    done = [(r["usage"]["completion_tokens"], r["end"] - r["start"]) for r in results if r["ok"]]
     tokens = sum(n for n, _ in done)
     per_request = [n / s for n, s in done if s > 0]
     return {
         "concurrency": concurrency, "loops": body["loops"], "requests": requests, "max_tokens": body["max_tokens"],
         "wall_s": round(wall, 3), "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
-        "per_request_tokens_per_s": round(statistics.median(per_request), 1) if per_request else 0.0, "errors": errors,
+        "per_request_tokens_per_s": round(statistics.median(per_request), 1) if per_request else 0.0,
+        "errors": len(results) - len(done),
     }
 
 
@@ -76,8 +60,9 @@ def main(argv=None) -> int:
     if min(args.concurrency) < 1 or args.max_tokens < 1 or args.repeat < 1 or (args.requests is not None and args.requests < 1):
         p.error("--concurrency, --requests, --repeat and --max-tokens must be >= 1")
     try:
-        model = httpx.get(args.url + "/v1/models", timeout=10).json()["data"][0]
-    except (httpx.HTTPError, KeyError, ValueError) as e:
+        with urllib.request.urlopen(args.url + "/v1/models", timeout=10) as r:
+            model = json.load(r)["data"][0]
+    except (OSError, KeyError, ValueError) as e:
         print(f"http_throughput: error: no server at {args.url} ({e})", file=sys.stderr)
         return 2
     results = []

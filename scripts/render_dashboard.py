@@ -14,21 +14,22 @@ dashboard's own grid. The result is docs/dashboard.png.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from benchmarks.harness import ServerProcess, free_port, http_ok
+from benchmarks.loadgen import closed_loop
 from model import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,32 +92,21 @@ def legend(fmt: str, labels: dict) -> str:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not http_ok(url):
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready after {timeout:.0f}s; see {log}")
         time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f}s; see {log}")
 
 
 @contextmanager
-def process(args: list[str], log: Path, env: dict | None = None):
+def process(args: list[str], log: Path):
+    """Prometheus (the server runs through benchmarks.harness): SIGTERM on the way out, then SIGKILL."""
     with open(log, "wb") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         yield proc
     finally:
@@ -147,7 +137,8 @@ def prometheus_config(target: str, workdir: Path) -> Path:
 
 
 class Load:
-    """Closed-loop clients whose number follows a ramp: quiet, busy, past the queue bound, quiet.
+    """Closed-loop clients (benchmarks.loadgen) whose number follows a ramp: quiet, busy, past the queue
+    bound, quiet.
 
     Requests mix depths (more shallow than deep), lengths, streaming and a few invalid ones (a depth
     past max_loops -> 400), so every panel, the error one included, has something to show.
@@ -157,9 +148,6 @@ class Load:
         self.base_url, self.model_id, self.max_loops = base_url, model_id, max_loops
         self.duration, self.peak = duration, peak
         self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.counts: dict[int, int] = {}
-        self.t0 = 0.0
 
     def clients_at(self, t: float) -> int:
         """How many clients are active at second t of the run."""
@@ -173,55 +161,32 @@ class Load:
         return 2
 
     def request(self) -> dict:
-        with self.lock:
-            r = self.rng
-            weights = [1.0 / k for k in range(1, self.max_loops + 1)]
-            loops = r.choices(range(1, self.max_loops + 1), weights)[0]
-            if r.random() < 0.03:
-                loops = self.max_loops + 1  # invalid on purpose: the server must answer 400
-            return {"model": self.model_id, "prompt": r.choice(PROMPTS), "max_tokens": r.randint(8, 48),
-                    "temperature": 0.8, "loops": loops, "stream": r.random() < 0.5, "seed": r.randrange(1 << 30)}
+        r = self.rng
+        weights = [1.0 / k for k in range(1, self.max_loops + 1)]
+        loops = r.choices(range(1, self.max_loops + 1), weights)[0]
+        if r.random() < 0.03:
+            loops = self.max_loops + 1  # invalid on purpose: the server must answer 400
+        return {"model": self.model_id, "prompt": r.choice(PROMPTS), "max_tokens": r.randint(8, 48),
+                "temperature": 0.8, "loops": loops, "stream": r.random() < 0.5, "seed": r.randrange(1 << 30)}
 
-    def client(self, index: int, stop: threading.Event) -> None:
-        import httpx
+    async def _run(self) -> list[dict]:
+        from tqdm import tqdm
 
-        with httpx.Client(base_url=self.base_url, timeout=120) as http:
-            while not stop.is_set():
-                if index >= self.clients_at(time.monotonic() - self.t0):
-                    time.sleep(0.2)
-                    continue
-                body = self.request()
-                try:
-                    if body["stream"]:
-                        with http.stream("POST", "/v1/completions", json=body) as resp:
-                            for _ in resp.iter_lines():
-                                pass
-                    else:
-                        resp = http.post("/v1/completions", json=body)
-                    status = resp.status_code
-                except httpx.HTTPError:
-                    status = -1
-                with self.lock:
-                    self.counts[status] = self.counts.get(status, 0) + 1
-                if status == 429:
-                    time.sleep(min(float(resp.headers.get("Retry-After", 1)), 2.0))
+        async def ticker():
+            for _ in tqdm(range(int(self.duration)), desc="load", unit="s"):
+                await asyncio.sleep(1)
+
+        tick = asyncio.ensure_future(ticker())
+        results = await closed_loop(self.base_url, self.request, self.clients_at, self.duration, self.peak)
+        tick.cancel()
+        return results
 
     def run(self) -> dict[int, int]:
-        stop = threading.Event()
-        self.t0 = time.monotonic()
-        threads = [threading.Thread(target=self.client, args=(i, stop), daemon=True) for i in range(self.peak)]
-        for th in threads:
-            th.start()
-        try:
-            from tqdm import tqdm
-
-            for _ in tqdm(range(int(self.duration)), desc="load", unit="s"):
-                time.sleep(1)
-        finally:
-            stop.set()
-            for th in threads:
-                th.join(timeout=130)
-        return dict(sorted(self.counts.items()))
+        """Runs the ramp; returns {HTTP status (0 = no answer): requests}."""
+        counts: dict[int, int] = {}
+        for res in asyncio.run(self._run()):
+            counts[res["status"]] = counts.get(res["status"], 0) + 1
+        return dict(sorted(counts.items()))
 
 
 # --------------------------------------------------------------------------- Prometheus HTTP API
@@ -455,20 +420,16 @@ def main(argv=None) -> int:
             model, model_desc = Path(args.model), Path(args.model).name
         elif (DEFAULT_MODEL / "config.json").is_file():
             model, model_desc = DEFAULT_MODEL, "default (model/default)"
-        else:
-            # No default model yet: the server tests' random tiny checkpoint (tokenizer included).
-            sys.path.insert(0, str(ROOT / "tests"))
-            from server_fixtures import build_checkpoint
+        else:  # no default model yet: the tests' random tiny checkpoint (tokenizer included)
+            from benchmarks.tiny import build_checkpoint
 
-            model, model_desc = build_checkpoint(work / "random-tiny"), "random tiny (tests/server_fixtures.py)"
-        port, prom_port = free_port(), free_port()
-        server_cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                      "--device", "cpu", "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting)]
+            model, model_desc = build_checkpoint(work / "random-tiny"), "random tiny (benchmarks/tiny.py)"
+        server_args = ["--model", str(model), "--host", "127.0.0.1", "--device", "cpu",
+                       "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting)]
         if args.kv_cache_mb is not None:
-            server_cmd += ["--kv-cache-mb", str(args.kv_cache_mb)]
-        server = stack.enter_context(process(server_cmd, work / "server.log"))
-        base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/health", 300, server, work / "server.log")
+            server_args += ["--kv-cache-mb", str(args.kv_cache_mb)]
+        server = stack.enter_context(ServerProcess(server_args, work / "server.log", threads=0))
+        base, port, prom_port = server.url, server.port, free_port()
         config = prometheus_config(f"127.0.0.1:{port}", work)
         prom_proc = stack.enter_context(process(
             [args.prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",

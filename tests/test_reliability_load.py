@@ -1,6 +1,6 @@
 """Load and soak against a real `python -m server` subprocess (loopback only, bounded, stops by itself).
 
-Each request draws its depth, streaming or not, greedy or seeded sampling, max_tokens, sometimes n=2
+Requests go through benchmarks/loadgen.py (the benchmarks' client). Each request draws its depth, streaming or not, greedy or seeded sampling, max_tokens, sometimes n=2
 or logprobs, sometimes an invalid field (must be a 400), and sometimes a client cancellation after
 a random delay. Afterwards: no 5xx, every request not cancelled completed (finish_reason, [DONE]),
 every greedy answer equals the one the same request got alone, the running/waiting gauges and the
@@ -19,9 +19,9 @@ import random
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from benchmarks.loadgen import offer, send
 
 ROOT = Path(__file__).resolve().parents[1]
 # Greedy continuations of these are far from ties at every depth (test_server_http checks the same prompts)
@@ -56,36 +56,6 @@ def draw(rng: random.Random) -> dict:
     return {"body": {**body, "stream": stream}, "cancel": cancel, "expect": 200}
 
 
-async def send(client: httpx.AsyncClient, body: dict) -> dict:
-    """Sends one request; returns status, texts and finish reasons per choice (streams reassembled)."""
-    n = body.get("n", 1)
-    if not body["stream"]:
-        r = await client.post("/v1/completions", json=body)
-        if r.status_code != 200:
-            return {"status": r.status_code, "error": r.json().get("error")}
-        j = r.json()
-        return {"status": 200, "texts": [c["text"] for c in j["choices"]],
-                "reasons": [c["finish_reason"] for c in j["choices"]], "done": True}
-    texts, reasons, done = [""] * n, [None] * n, False
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return {"status": r.status_code, "error": r.json().get("error")}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                done = True
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return {"status": 500, "error": chunk["error"]}
-            for c in chunk["choices"]:
-                texts[c["index"]] += c["text"]
-                reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
-    return {"status": 200, "texts": texts, "reasons": reasons, "done": done}
-
-
 def greedy_key(body: dict):
     return (body["prompt"], body["loops"]) if body.get("temperature") == 0 else None
 
@@ -93,47 +63,30 @@ def greedy_key(body: dict):
 async def run_load(server, requests: int, concurrency: int, seed: int) -> dict:
     rng = random.Random(seed)
     jobs = [draw(rng) for _ in range(requests)]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
-        # Reference: every greedy (prompt, depth) alone, before the load (also warms the server up).
-        alone = {}
-        for p in GREEDY_PROMPTS:
-            for k in range(1, 5):
-                body = {"prompt": p, "max_tokens": GREEDY_TOKENS, "temperature": 0, "loops": k, "ignore_eos": True,
-                        "stream": False}
-                alone[(p, k)] = (await send(client, body))["texts"][0]
-        rss_warm = server.rss_mib()
-        peak = {"rss": rss_warm, "running": 0.0}
-        sem = asyncio.Semaphore(concurrency)
+    # Reference: every greedy (prompt, depth) alone, before the load (also warms the server up).
+    alone = {}
+    for p in GREEDY_PROMPTS:
+        for k in range(1, 5):
+            body = {"prompt": p, "max_tokens": GREEDY_TOKENS, "temperature": 0, "loops": k, "ignore_eos": True}
+            res = await send(server.url, body)
+            assert res["ok"], res
+            alone[(p, k)] = res["texts"][0]
+    rss_warm = server.rss_mib()
+    peak = {"rss": rss_warm}
 
-        async def watch():
-            while True:
-                peak["rss"] = max(peak["rss"], server.rss_mib())
-                await asyncio.sleep(0.1)
+    async def watch():
+        while True:
+            peak["rss"] = max(peak["rss"], server.rss_mib())
+            await asyncio.sleep(0.1)
 
-        async def one(job):
-            async with sem:
-                t0 = time.perf_counter()
-                task = asyncio.ensure_future(send(client, job["body"]))
-                if job["cancel"] is None:
-                    res = await task
-                else:
-                    done, _ = await asyncio.wait({task}, timeout=job["cancel"])
-                    if not done:
-                        task.cancel()  # the client goes away: its connection closes mid-request
-                        try:
-                            await task
-                        except asyncio.CancelledError:
-                            pass
-                        return {**job, "cancelled": True}
-                    res = task.result()
-                return {**job, **res, "cancelled": False, "latency": time.perf_counter() - t0}
-
-        watcher = asyncio.ensure_future(watch())
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(job) for job in jobs))
-        wall = time.perf_counter() - t0
-        watcher.cancel()
+    watcher = asyncio.ensure_future(watch())
+    t0 = time.perf_counter()
+    # The deadline is only a hang guard: a request still open then fails its status check below.
+    results = await offer(server.url, [j["body"] for j in jobs], concurrency=concurrency,
+                          cancel_after=[j["cancel"] for j in jobs], deadline_s=300)
+    wall = time.perf_counter() - t0
+    watcher.cancel()
+    results = [{**job, **res} for job, res in zip(jobs, results)]
     return {"results": results, "alone": alone, "wall": wall, "rss_warm": rss_warm, "rss_peak": peak["rss"]}
 
 
@@ -152,15 +105,15 @@ def check_load(server, out: dict) -> dict:
     """The assertions shared by the short load test and the soak; returns the figures."""
     results = out["results"]
     served = [r for r in results if not r["cancelled"]]
-    five = [r for r in served if r["status"] >= 500]
+    five = [r for r in served if r["status"] >= 500 or (r["status"] == 200 and r["error"])]  # or an error event
     assert not five, f"{len(five)} 5xx, e.g. {five[0]}"
     for r in served:
         assert r["status"] == r["expect"], r
         if r["status"] != 200:
-            assert r["error"]["type"] == "invalid_request_error" and r["error"]["message"], r
+            assert r["error_type"] == "invalid_request_error" and r["error"], r
             continue
         n = r["body"].get("n", 1)
-        assert r["done"] and len(r["texts"]) == n and all(x in ("length", "stop") for x in r["reasons"]), r
+        assert r["ok"] and len(r["texts"]) == n and all(x in ("length", "stop") for x in r["reasons"]), r
         key = greedy_key(r["body"])
         if key is not None:
             assert r["texts"][0] == out["alone"][key], ("greedy text differs under load", r["body"])
@@ -169,7 +122,7 @@ def check_load(server, out: dict) -> dict:
                        if name == "mesh_requests_total" and dict(labels)["status"].startswith("5"))
     assert five_counted == 0
     ok = [r for r in served if r["status"] == 200]
-    lat = sorted(r["latency"] for r in ok)
+    lat = sorted(r["end"] - r["start"] for r in ok)
     figures = {
         "requests": len(results), "completed": len(ok), "rejected_400": len(served) - len(ok),
         "cancelled": len(results) - len(served), "errors_5xx": len(five),
@@ -190,7 +143,6 @@ def test_short_load_mixed_depths_streams_and_cancellations(serve, ckpt):
     out = asyncio.run(run_load(server, requests=200, concurrency=16, seed=1))
     figures = check_load(server, out)
     print(figures)
-    assert figures["wall_s"] < 60, figures
     assert server.terminate() == 0
 
 
@@ -205,7 +157,7 @@ def test_soak_1000_requests_at_concurrency_32(serve, ckpt, capsys):
     figures.update(concurrency=32, rss_after_first_200_mib=round(rss_settled, 1),
                    command="make soak  (pytest tests -m soak --run-soak)",
                    server="python -m server " + " ".join(server_args("CKPT", 32)[2:]) + " --threads 1",
-                   model="tests/server_fixtures.build_checkpoint: 1+1R2+1 mesh, d=32, random weights, CPU")
+                   model="benchmarks/tiny.build_checkpoint: 1+1R2+1 mesh, d=32, random weights, CPU")
     assert figures["rss_end_mib"] - rss_settled < 50, "memory keeps growing from one batch of requests to the next"
     assert server.terminate() == 0
     (ROOT / "runs").mkdir(exist_ok=True)

@@ -1,7 +1,10 @@
-"""A real `python -m server` (uvicorn) subprocess on 127.0.0.1: concurrent mixed-depth requests give
-the same greedy text as alone and as generate(), streaming is incremental, a client that disconnects
-(mid-stream or while waiting for a plain response) frees its slot at once, and settings come from
-flags and MESH_* variables. Also the CLI's --help and one-line errors.
+"""A real `python -m server` (uvicorn) subprocess on 127.0.0.1 whose engine steps take at least 10 ms
+(tests/server_fixtures.SLOW_STEPS), so a request is surely in flight when the test acts: concurrent
+mixed-depth requests give the same greedy text as alone and as generate(), and seeded sampled ones
+the same text as alone; streaming is incremental (chunks arrive while the request is still being
+generated); a client that disconnects (mid-stream or while waiting for a plain response) frees its
+slot within a few steps; settings come from flags and MESH_* variables. Also the CLI's --help and
+one-line errors.
 """
 
 from __future__ import annotations
@@ -9,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +19,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.harness import ServerProcess
+from benchmarks.loadgen import offer, send
 from model import MeshForCausalLM
 from server import __main__ as cli
-from server_fixtures import build_checkpoint, reference_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
+from server_fixtures import SLOW_STEPS, STEP_S, build_checkpoint, reference_greedy, one_torch_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["First Citizen:", "All: Speak", "To be, or not", "The quick brown fox"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Steps the server may still run for a request after its client has gone (the event loop notices the
+# disconnect, the engine drops the row at its next step boundary). At >= 10 ms a step, generous.
+LATE_STEPS = 10
+ABORTED = ("mesh_requests_total", (("finish_reason", "abort"), ("status", "499")))
 
 
 @pytest.fixture(scope="module")
@@ -41,164 +41,136 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "MESH_MAX_MODEL_LEN": "240", "MESH_PORT": "1", "MESH_KV_CACHE_MB": "64"}
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port), "--max-batch-size", "8",
-         "--max-waiting", "16", "--threads", "1", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.seek(0)
-            pytest.fail(f"server did not start:\n{log.read()}")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    assert proc.wait(timeout=20) == 0, "the server exits cleanly on SIGTERM"
-    log.close()
-
-
-def scrape(url: str) -> dict:
-    text = httpx.get(url + "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    env = {"MESH_MAX_MODEL_LEN": "240", "MESH_PORT": "1", "MESH_KV_CACHE_MB": "64"}
+    args = ["--model", str(ckpt), "--max-batch-size", "8", "--max-waiting", "16", "--log-level", "warning"]
+    proc = ServerProcess(args, tmp_path_factory.mktemp("log") / "server.log", env=env, code=SLOW_STEPS)
+    with proc:
+        yield proc
+        assert proc.terminate() == 0, "the server exits cleanly on SIGTERM"
 
 
 def generated(m: dict) -> float:
     return sum(v for (name, _), v in m.items() if name == "mesh_generation_tokens_total")
 
 
-async def complete(client: httpx.AsyncClient, body: dict) -> str:
-    if not body.get("stream"):
-        r = await client.post("/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-    text = []
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                text.append(httpx.Response(200, content=line[6:]).json()["choices"][0]["text"])
-    return "".join(text)
-
-
 def test_settings_from_flags_and_environment(server):
-    card = httpx.get(server + "/v1/models").json()["data"][0]
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
     assert card["max_model_len"] == 240  # MESH_MAX_MODEL_LEN
-    m = scrape(server)
-    assert m[("mesh_max_waiting", ())] == 16  # --max-waiting
+    assert server.metrics()[("mesh_max_waiting", ())] == 16  # --max-waiting
     # MESH_PORT=1 was set too: the --port flag won, or we would not be talking to it.
 
 
+async def _alone_and_together(url: str, bodies: list[dict], watch) -> tuple[list[dict], list[dict]]:
+    alone = [await send(url, b) for b in bodies]  # one at a time
+    watcher = asyncio.ensure_future(watch())
+    together = await offer(url, bodies)  # all at once: one busy mixed-depth batch
+    watcher.cancel()
+    return alone, together
+
+
 def test_concurrent_mixed_depth_requests_match_alone_and_generate(server, ckpt):
+    """Greedy requests equal generate() and themselves alone; seeded sampled ones (temperature 1.5,
+    top_p 0.9) equal themselves alone, however the busy batch around them is made up."""
     model = MeshForCausalLM.from_pretrained(str(ckpt)).eval()
-    jobs = [(p, k, stream) for k in (1, 2, 3, 4) for p, stream in zip(PROMPTS[:2], (False, True))]
     N = 32
+    greedy = [(p, k, stream) for k in (1, 2, 3, 4) for p, stream in zip(PROMPTS[:2], (False, True))]
+    sampled = [(PROMPTS[2], k, k % 2 == 0) for k in (1, 2, 3, 4)]
+    bodies = [{"prompt": p, "max_tokens": N, "temperature": 0, "loops": k, "ignore_eos": True, "stream": stream}
+              for p, k, stream in greedy]
+    bodies += [{"prompt": p, "max_tokens": N, "temperature": 1.5, "top_p": 0.9, "seed": 1234, "loops": k,
+                "ignore_eos": True, "stream": stream} for p, k, stream in sampled]
+    peak = {"mesh_requests_running": 0.0, "mesh_kv_cache_usage_ratio": 0.0}
 
-    def body(p, k, stream):
-        return {"prompt": p, "max_tokens": N, "temperature": 0, "loops": k, "ignore_eos": True, "stream": stream}
+    async def watch():
+        while True:
+            m = await asyncio.to_thread(server.metrics)
+            for name in peak:
+                peak[name] = max(peak[name], m[(name, ())])
+            await asyncio.sleep(0.02)
 
-    async def go():
-        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
-            alone = {(p, k): await complete(client, body(p, k, False)) for p, k, _ in jobs}  # one at a time
-            peak = {"mesh_requests_running": 0.0, "mesh_kv_cache_usage_ratio": 0.0}
-
-            async def watch():
-                while True:
-                    r = await client.get("/metrics")
-                    for line in r.text.splitlines():
-                        name, _, value = line.partition(" ")
-                        if name in peak:
-                            peak[name] = max(peak[name], float(value))
-                    await asyncio.sleep(0.02)
-
-            watcher = asyncio.create_task(watch())
-            together = await asyncio.gather(*(complete(client, body(*job)) for job in jobs))
-            watcher.cancel()
-            return alone, together, peak
-
-    alone, together, peak = asyncio.run(go())
-    assert peak["mesh_requests_running"] >= 3, f"requests did not run together ({peak})"
+    alone, together = asyncio.run(_alone_and_together(server.url, bodies, watch))
+    assert all(r["ok"] for r in alone + together), [r["error"] for r in alone + together if not r["ok"]]
+    assert peak["mesh_requests_running"] >= 6, f"requests did not run together ({peak})"
     assert 0 < peak["mesh_kv_cache_usage_ratio"] <= 1
-    for (p, k, stream), text in zip(jobs, together):
-        ids = httpx.post(server + "/tokenize", json={"prompt": p}).json()["tokens"]
+    texts = [r["texts"][0] for r in together]
+    for (p, k, stream), text, single in zip(greedy, texts, alone):
+        ids = httpx.post(server.url + "/tokenize", json={"prompt": p}).json()["tokens"]
         ref, reliable = reference_greedy(model, ids, k, N)
         assert reliable == N, "a near-tie in the random model: pick another prompt"
-        assert text == httpx.post(server + "/detokenize", json={"tokens": ref}).json()["prompt"], (p, k, stream)
-        assert text == alone[(p, k)], (p, k, stream)
-    assert len({t for (p, k, _), t in zip(jobs, together) if p == PROMPTS[0]}) == 4, "each depth its own text"
+        assert text == httpx.post(server.url + "/detokenize", json={"tokens": ref}).json()["prompt"], (p, k, stream)
+        assert text == single["texts"][0], (p, k, stream)
+    assert len(set(texts[:len(greedy)][::2])) == 4, "each depth its own greedy text"
+    for (p, k, stream), text, single in zip(sampled, texts[len(greedy):], alone[len(greedy):]):
+        assert text == single["texts"][0], ("seeded sampling depends on the batch", p, k, stream)
+        greedy_alone = httpx.post(server.url + "/v1/completions", json={**bodies[0], "prompt": p, "loops": k}).json()
+        assert text != greedy_alone["choices"][0]["text"], ("the sampled request was decoded greedily", k)
 
 
 def test_streaming_arrives_incrementally(server):
-    async def go():
-        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
-            times = []
-            body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "loops": 4, "ignore_eos": True, "stream": True}
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                assert r.headers["content-type"].startswith("text/event-stream")
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        times.append(time.perf_counter())
-            return times
+    """The first chunk arrives while most of the request is still to be generated, and the chunks are
+    spread over the request's decode time (one step at least 10 ms), not sent together at the end."""
+    N = 200
+    body = {"prompt": PROMPTS[0], "max_tokens": N, "temperature": 0, "loops": 4, "ignore_eos": True, "stream": True}
+    before = generated(server.metrics())
+    times, at_first = [], None
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                times.append(time.perf_counter())
+                if at_first is None:
+                    at_first = generated(server.metrics()) - before
+    assert generated(server.metrics()) - before == N
+    assert at_first < N / 2, f"the first chunk came after {at_first:.0f} of {N} tokens were generated"
+    assert len(times) > N / 2, "about one chunk per token"
+    assert times[-1] - times[0] >= 0.5 * (N - 1) * STEP_S, "the chunks came together, not as they were made"
 
-    times = asyncio.run(go())
-    assert len(times) > 20
-    assert times[-1] - times[0] > 0.01, "chunks were sent as they were made, not all at the end"
 
-
-def test_disconnect_mid_stream_frees_the_slot_at_once(server):
-    before = scrape(server)
-    aborted = ("mesh_requests_total", (("finish_reason", "abort"), ("status", "499")))
-
-    async def go():
-        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
-            body = {"prompt": PROMPTS[1], "max_tokens": 230, "temperature": 0, "loops": 4, "ignore_eos": True, "stream": True}
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                n = 0
-                async for line in r.aiter_lines():
-                    n += line.startswith("data: ")
-                    if n == 3:
-                        break  # leaving the block closes the connection mid-stream
-            assert httpx.get(server + "/metrics").status_code == 200
-
-    asyncio.run(go())
-    wait_idle(server)
-    after = scrape(server)
-    assert after[aborted] - before.get(aborted, 0) == 1
-    assert generated(after) - generated(before) < 200, "generation stopped when the client left"
+def _stopped_within(server, before: dict, client_saw: int, timeout: float = 30.0) -> float:
+    """Waits until nothing runs or waits (a hang guard, not a timing check), then checks that the aborted
+    request made at most LATE_STEPS tokens after its client left and that generation has stopped;
+    returns the tokens it made in all."""
+    deadline = time.time() + timeout
+    while True:
+        m = server.metrics()
+        if m[("mesh_requests_running", ())] == 0 and m[("mesh_requests_waiting", ())] == 0:
+            break
+        assert time.time() < deadline, f"the running batch did not empty: {m}"
+        time.sleep(0.02)
+    made = generated(m) - generated(before)
+    assert m[ABORTED] - before.get(ABORTED, 0) == 1
+    assert made <= client_saw + LATE_STEPS, f"{made} tokens made, the client had {client_saw} when it left"
+    time.sleep(5 * STEP_S)
+    after = server.metrics()
+    assert generated(after) == generated(m), "generation went on after the row was freed"
     assert after[("mesh_kv_cache_usage_ratio", ())] == 0
+    return made
+
+
+def test_disconnect_mid_stream_frees_the_slot_within_a_few_steps(server):
+    before = server.metrics()
+    body = {"prompt": PROMPTS[1], "max_tokens": 230, "temperature": 0, "loops": 4, "ignore_eos": True, "stream": True}
+    n = 0
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            n += line.startswith("data: ")
+            if n == 3:
+                break  # leaving the block closes the connection mid-stream
+    _stopped_within(server, before, client_saw=3)
 
 
 def test_disconnect_while_waiting_for_a_plain_response_frees_the_slot(server):
-    before = scrape(server)
+    before = server.metrics()
     body = {"prompt": PROMPTS[2], "max_tokens": 230, "temperature": 0, "loops": 4, "ignore_eos": True}
+    sent = time.perf_counter()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.05))
-    wait_idle(server)
-    after = scrape(server)
-    aborted = ("mesh_requests_total", (("finish_reason", "abort"), ("status", "499")))
-    assert after[aborted] - before.get(aborted, 0) == 1
-    assert generated(after) - generated(before) < 200
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.05))
+    waited = time.perf_counter() - sent
+    # The client waited `waited` s: at most one token per STEP_S of it, then LATE_STEPS more at most.
+    _stopped_within(server, before, client_saw=int(waited / STEP_S) + 1)
     # and the server serves the next request normally
-    assert httpx.post(server + "/v1/completions", json={**body, "max_tokens": 3}).json()["usage"]["completion_tokens"] == 3
-
-
-def wait_idle(url: str, timeout: float = 5.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = scrape(url)
-        if m[("mesh_requests_running", ())] == 0 and m[("mesh_requests_waiting", ())] == 0:
-            return
-        time.sleep(0.02)
-    pytest.fail("the running batch did not empty")
+    r = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 3})
+    assert r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_http_throughput_script(server, tmp_path):
@@ -206,7 +178,7 @@ def test_http_throughput_script(server, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "t.json"
-    argv = ["--url", server, "--concurrency", "1", "3", "--loops", "1", "4", "--requests", "3", "--max-tokens", "5",
+    argv = ["--url", server.url, "--concurrency", "1", "3", "--loops", "1", "4", "--requests", "3", "--max-tokens", "5",
             "--repeat", "3", "--out", str(out)]
     assert script.main(argv) == 0
     results = json.loads(out.read_text())["results"]
