@@ -37,6 +37,8 @@ SERVER_METRICS = {
     "mesh_e2e_request_latency_seconds", "mesh_request_queue_time_seconds", "mesh_request_loops",
     "mesh_requests_running", "mesh_requests_waiting", "mesh_kv_cache_usage_ratio",
     "mesh_max_waiting", "mesh_model_info",
+    # issue 11: the paged K/V pool
+    "mesh_num_preemptions_total", "mesh_prefix_cache_queries_total", "mesh_prefix_cache_hits_total",
 }
 _METRIC = re.compile(r"\b(mesh_[a-z0-9_]+)\b")
 
@@ -418,6 +420,10 @@ def test_dashboard_has_the_panels_operators_expect():
     assert "sum by (loops) (rate(mesh_generation_tokens_total" in exprs["Generation throughput by depth"]
     depth = by_title["Requested depth (loops) distribution"]["targets"][0]
     assert depth["format"] == "heatmap" and "increase(mesh_request_loops_bucket" in depth["expr"]
+    assert "rate(mesh_num_preemptions_total" in exprs["Preemptions/s"]
+    hits = exprs["Prefix-cache hit rate"]
+    assert re.search(r"rate\(mesh_prefix_cache_hits_total.*\)\s*/\s*sum by \(instance\) \(rate\(mesh_prefix_cache_queries_total", hits, re.S), hits
+    assert by_title["Prefix-cache hit rate"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
 
 
 def test_dashboard_and_alerts_use_only_server_metrics_and_cover_them():
@@ -430,14 +436,17 @@ def test_dashboard_and_alerts_use_only_server_metrics_and_cover_them():
 def test_alert_rules_cover_the_failure_modes():
     rules = {r["alert"]: r for r in _alert_rules()}
     assert set(rules) == {"MeshServerDown", "MeshHighErrorRate", "MeshHighTimeToFirstToken",
-                          "MeshQueueSaturated", "MeshKVCacheNearlyFull"}
+                          "MeshQueueSaturated", "MeshSustainedPreemption", "MeshKVCacheExhausted"}
     assert 'up{job="mesh-server"} == 0' in rules["MeshServerDown"]["expr"]
     job_names = [j["job_name"] for j in _yaml(PROM_DIR / "prometheus.yml")["scrape_configs"]]
     assert job_names == ["mesh-server"], "MeshServerDown matches on this job name"
     assert 'status=~"5.."' in rules["MeshHighErrorRate"]["expr"]
     assert "histogram_quantile(0.99" in rules["MeshHighTimeToFirstToken"]["expr"]
     assert "mesh_requests_waiting / (mesh_max_waiting > 0)" in rules["MeshQueueSaturated"]["expr"]
-    assert "mesh_kv_cache_usage_ratio >" in rules["MeshKVCacheNearlyFull"]["expr"]
+    assert "rate(mesh_num_preemptions_total[5m])" in rules["MeshSustainedPreemption"]["expr"]
+    # A full block pool is normal under paging: the KV alert needs requests waiting as well.
+    kv = rules["MeshKVCacheExhausted"]["expr"]
+    assert "mesh_kv_cache_usage_ratio >" in kv and "and on (job, instance) mesh_requests_waiting > 0" in kv
     for r in rules.values():
         assert r["labels"]["severity"] in {"warning", "critical"} and r["annotations"]["summary"]
         assert re.fullmatch(r"\d+m", r["for"])
@@ -467,7 +476,7 @@ def test_promtool_accepts_config_and_rules():
     proc = _promtool("check", "config", str(PROM_DIR / "prometheus.yml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = _promtool("check", "rules", str(PROM_DIR / "alerts.yml"))
-    assert proc.returncode == 0 and "SUCCESS: 5 rules found" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"SUCCESS: {len(_alert_rules())} rules found" in proc.stdout, proc.stdout + proc.stderr
 
 
 @needs_promtool
