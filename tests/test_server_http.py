@@ -24,7 +24,7 @@ from benchmarks.harness import ServerProcess
 from benchmarks.loadgen import offer, send
 from model import MeshForCausalLM
 from server import __main__ as cli
-from server_fixtures import SLOW_STEPS, STEP_S, build_checkpoint, reference_greedy, one_torch_thread  # noqa: F401
+from server_fixtures import SLOW_STEPS, STEP_S, reference_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["First Citizen:", "All: Speak", "To be, or not", "The quick brown fox"]
@@ -32,11 +32,6 @@ PROMPTS = ["First Citizen:", "All: Speak", "To be, or not", "The quick brown fox
 # disconnect, the engine drops the row at its next step boundary). At >= 10 ms a step, generous.
 LATE_STEPS = 10
 ABORTED = ("mesh_requests_total", (("finish_reason", "abort"), ("status", "499")))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
