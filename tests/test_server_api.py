@@ -45,8 +45,10 @@ def call(app, fn):
     return asyncio.run(go())
 
 
-def post(app, body: dict, path: str = "/v1/completions", **kw) -> httpx.Response:
-    return call(app, lambda c: c.post(path, json=body, **kw))
+def post(app, body: dict, path: str = "/v1/completions", headers: dict | None = None) -> httpx.Response:
+    # json.dumps escapes as ASCII, so a lone surrogate travels as the valid JSON "\\ud800"
+    headers = {"content-type": "application/json", **(headers or {})}
+    return call(app, lambda c: c.post(path, content=json.dumps(body), headers=headers))
 
 
 def sse(text: str) -> list:
@@ -162,32 +164,79 @@ def test_streaming_format(app):
     assert all("usage" not in c for c in sse(post(app, body).text)), "no usage unless include_usage"
 
 
-def test_logprobs_and_echo(app):
+@torch.inference_mode()
+def model_logprobs(engine, ids: list[int], loops: int) -> torch.Tensor:
+    """The model's own log-softmax over the whole sequence, row i predicting token i + 1."""
+    return engine.model(torch.tensor([ids]), loops=loops).logits[0].float().log_softmax(-1)
+
+
+def top_texts(engine, row: torch.Tensor, k: int) -> dict:
+    """OpenAI's top_logprobs entry: the k likeliest tokens by their text (the likelier of two same texts)."""
+    top = {}
+    values, ids = row.topk(k)
+    for t, v in zip(ids.tolist(), values.tolist()):
+        top.setdefault(engine.decode([t]), v)
+    return top
+
+
+def test_logprobs_and_text_offset_are_the_models(app):
+    """token_logprobs and top_logprobs against the model's own log-softmax at the request's depth, and
+    text_offset against the decoded text, streamed or not, with and without echo."""
     engine = app.state.engine
     ids = engine.encode(PROMPT)
-    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2, "ignore_eos": True}
-    lp = post(app, body).json()["choices"][0]["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
-    for tok, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
-        assert chosen <= 0 and 1 <= len(top) <= 3 and top[tok] == chosen
-        assert max(top.values()) == chosen, "greedy picks the most likely token"
-    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    ref, reliable = reference_greedy(engine.model, ids, 3, 5)
+    assert reliable == 5, "the random test model has a near-tie: pick another prompt"
+    lp_all = model_logprobs(engine, ids + ref, 3)
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2, "ignore_eos": True, "loops": 3}
+    choice = post(app, body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == engine.decode(ref)
+    assert lp["tokens"] == [engine.decode([t]) for t in ref]
+    for i, tok in enumerate(ref):
+        row = lp_all[len(ids) + i - 1]
+        assert lp["token_logprobs"][i] == pytest.approx(float(row[tok]), abs=1e-4)
+        assert lp["top_logprobs"][i] == pytest.approx(top_texts(engine, row, 2), abs=1e-4)
+        assert lp["text_offset"][i] == len(engine.decode(ref[:i]))
     zero = post(app, {**body, "logprobs": 0}).json()["choices"][0]["logprobs"]
-    assert all(len(t) == 1 for t in zero["top_logprobs"]), "logprobs=0: only the sampled token"
-    # echo: the prompt comes first, in the text and in the logprobs (its first token has none)
+    assert [list(t) for t in zero["top_logprobs"]] == [[t] for t in lp["tokens"]], "logprobs=0: only the sampled token"
+    # echo: the prompt first, in the text and the logprobs; its first token has none
     echo = post(app, {**body, "echo": True}).json()["choices"][0]
-    plain = post(app, {**body, "logprobs": None}).json()["choices"][0]
-    assert echo["text"] == PROMPT + plain["text"]
+    assert echo["text"] == PROMPT + choice["text"]
     elp = echo["logprobs"]
-    assert len(elp["tokens"]) == len(ids) + 5 and elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
-    assert "".join(elp["tokens"][: len(ids)]) == PROMPT and all(x <= 0 for x in elp["token_logprobs"][1:])
-    assert elp["token_logprobs"][len(ids):] == pytest.approx(lp["token_logprobs"], abs=1e-5)
-    assert post(app, {"prompt": PROMPT, "echo": True, "max_tokens": 3}).json()["choices"][0]["text"].startswith(PROMPT)
-    # streamed logprobs add up to the same entries
+    assert elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
+    for j in range(1, len(ids)):
+        assert elp["token_logprobs"][j] == pytest.approx(float(lp_all[j - 1, ids[j]]), abs=1e-4)
+    assert elp["text_offset"] == [len(engine.decode(ids[:j])) for j in range(len(ids))] + [len(PROMPT) + o for o in lp["text_offset"]]
+    # streamed: the chunks' entries add up to the same
     chunks = sse(post(app, {**body, "stream": True}).text)
-    assert sum((c["choices"][0]["logprobs"]["tokens"] for c in chunks), []) == lp["tokens"]
+    streamed = {k: sum((c["choices"][0]["logprobs"][k] for c in chunks), []) for k in ("tokens", "token_logprobs", "text_offset")}
+    assert streamed == {k: lp[k] for k in streamed}
     echo_chunks = sse(post(app, {**body, "stream": True, "echo": True}).text)
     assert echo_chunks[0]["choices"][0]["text"] == PROMPT
+
+
+def test_sampling_fields_change_the_output(app):
+    """logit_bias, the penalties and min_tokens reach the engine's sampler: each changes greedy text the
+    way it should."""
+    engine = app.state.engine
+    base = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    plain = post(app, base).json()["choices"][0]["text"]
+    forced = engine.encode(" Speak")[-1]
+    biased = post(app, {**base, "logit_bias": {str(forced): 100}}).json()["choices"][0]["text"]
+    assert biased == engine.decode([forced] * 12)
+    ids = engine.encode(PROMPT)
+    ref, _ = reference_greedy(engine.model, ids, 2, 24)
+    assert len(set(ref)) < len(ref), "the random model repeats itself greedily (what the penalties act on)"
+    for field in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+        value = 1.8 if field == "repetition_penalty" else 2.0
+        text = post(app, {**base, "max_tokens": 24, field: value}).json()["choices"][0]["text"]
+        assert text != engine.decode(ref), field
+    eos = engine.eos_token_id
+    early = post(app, {**base, "ignore_eos": False, "logit_bias": {str(eos): 100}, "max_tokens": 8}).json()
+    assert early["usage"]["completion_tokens"] == 1 and early["choices"][0]["finish_reason"] == "stop"
+    held = post(app, {**base, "ignore_eos": False, "logit_bias": {str(eos): 100}, "max_tokens": 8, "min_tokens": 5}).json()
+    assert held["usage"]["completion_tokens"] >= 5
+    assert plain != biased
 
 
 def test_stop_strings(app):
@@ -225,16 +274,30 @@ BAD = [
     ({"foo": 1}, "foo"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 3}, "best_of"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 17}, "min_tokens"),  # more than max_tokens (16)
+    ({"min_tokens": -1}, "min_tokens"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options"),
+    ({"stream": True, "stream_options": {"bogus": 1}}, "stream_options.bogus"),
+    ({"stream": True, "stream_options": {"continuous_usage_stats": 1}}, "stream_options.continuous_usage_stats"),
+    ({"tools": []}, "tools"),
+    ({"prompt": "a\ud800b"}, "prompt"),
+    ({"prompt": ["ok", "\udfff"]}, "prompt[1]"),
+    ({"stop": ["\ud800"]}, "stop[0]"),
+    ({"user": "\udc00"}, "user"),
+    ({"model": "\ud800"}, "model"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [[]]}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt[0]"),  # not a list of strings at [0] (the first union member that fits)
     ({"prompt": [10**6]}, "prompt"),
     ({"prompt": "Speak " * 300}, "prompt"),  # longer than max_model_len (256)
     ({"max_tokens": 255}, "max_tokens"),  # prompt (3 tokens) + max_tokens > max_model_len (256)
@@ -257,10 +320,28 @@ def test_unparseable_bodies_and_missing_prompt_are_400(app):
     assert r.json()["error"]["param"] == "prompt"
 
 
-def test_no_op_values_of_unsupported_fields_are_accepted(app):
+def test_what_clients_send_is_accepted(app):
+    """The fields OpenAI and vLLM clients send at their usual values, and no-op values of refused ones."""
     body = {"prompt": PROMPT, "max_tokens": 2, "suffix": None, "best_of": 1, "logit_bias": {}, "presence_penalty": 0,
-            "frequency_penalty": 0.0, "user": "someone", "top_k": -1, "stream_options": None}
-    assert post(app, body).status_code == 200
+            "frequency_penalty": 0.0, "repetition_penalty": 1, "min_tokens": 0, "user": "someone", "top_k": -1,
+            "ignore_eos": False}
+    assert post(app, body).json()["usage"]["completion_tokens"] <= 2
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    assert sse(post(app, streamed).text)[-1]["usage"]["prompt_tokens"] == len(app.state.engine.encode(PROMPT))
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(app):
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}
+    chunks = sse(post(app, body).text)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6 and all(c["usage"]["prompt_tokens"] > 0 for c in chunks)
+    assert chunks[-1]["choices"], "no separate usage chunk without include_usage"
+
+
+def test_lone_surrogates_are_400_on_tokenize_too(app):
+    r = post(app, {"prompt": "x\ud800"}, "/tokenize")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "Unicode" in r.json()["error"]["message"]
 
 
 def test_unknown_model_is_404(app):
@@ -287,7 +368,7 @@ def test_models_health_tokenize_detokenize(app):
     assert post(app, {"tokens": tok["tokens"]}, "/detokenize").json() == {"prompt": PROMPT}
     bad = post(app, {"tokens": [engine.vocab_size]}, "/detokenize")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
-    assert post(app, {"tokens": ["a"]}, "/detokenize").json()["error"]["param"] == "tokens"
+    assert post(app, {"tokens": [1, "a"]}, "/detokenize").json()["error"]["param"] == "tokens[1]"
 
 
 def test_request_id_is_echoed(app):

@@ -3,7 +3,8 @@ request-body limit. `create_app(engine, api_keys=[...], max_request_bytes=...)` 
 
 API keys. With keys configured, every path except the open ones needs ``Authorization: Bearer <key>``
 (default deny: /v1/*, /tokenize, /detokenize, unknown paths). Open: /health, the API docs (/docs,
-/redoc, /openapi.json), and /metrics unless `metrics_require_key`. The key is compared with
+/redoc, /openapi.json), /metrics unless `metrics_require_key`, and what the app adds (the
+playground's page and static files: it loads without a key and sends the one its user types). The key is compared with
 hmac.compare_digest against every configured key, without stopping at a match, so the time taken does
 not tell how much of a guess was right. A miss is 401 in the OpenAI error shape with
 ``WWW-Authenticate: Bearer``; neither the configured keys nor the key sent are ever logged or echoed.
@@ -50,10 +51,11 @@ def read_key_file(path: str | Path) -> list[str]:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app, keys, metrics_require_key: bool = False, on_reject=None):
+    def __init__(self, app, keys, metrics_require_key: bool = False, on_reject=None, open_paths=(), open_prefixes=()):
         self.app = app
         self.keys = [k.encode("ascii") for k in keys]
-        self.open_paths = OPEN_PATHS if metrics_require_key else OPEN_PATHS | {"/metrics"}
+        self.open_paths = (OPEN_PATHS if metrics_require_key else OPEN_PATHS | {"/metrics"}) | set(open_paths)
+        self.open_prefixes = tuple(open_prefixes)
         self.on_reject = on_reject  # on_reject(path, status): counts rejections in the metrics
 
     def authorized(self, scope) -> bool:
@@ -66,7 +68,8 @@ class ApiKeyMiddleware:
         return match and scheme.lower() == b"bearer"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self.authorized(scope):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.open_paths or path.startswith(self.open_prefixes) or self.authorized(scope):
             return await self.app(scope, receive, send)
         if self.on_reject is not None:
             self.on_reject(scope["path"], 401)
