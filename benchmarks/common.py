@@ -132,13 +132,20 @@ def prompt_ids(tokenizer, n: int, length: int, vocab_size: int, seed: int = 0) -
 
 
 # ---- engines --------------------------------------------------------------------------------
-def make_engine(model: MeshForCausalLM, tokenizer, max_batch_size: int = 64, max_model_len: int | None = None):
-    """The server's engine (scheduler + KV pool + model runner) around an in-memory model, without
-    HTTP or Prometheus. The KV budget is large: the pool allocates only what the rows use."""
+def make_engine(model: MeshForCausalLM, tokenizer, max_batch_size: int = 64, max_model_len: int | None = None,
+                seq_len: int | None = None):
+    """The server's engine (scheduler + paged K/V pool + model runner) around an in-memory model, without
+    HTTP or Prometheus. The pool holds `max_batch_size` sequences of `seq_len` tokens (default: the
+    context) at the deepest depth, so a timed run never preempts."""
     from server import Engine, EngineConfig
+    from server.engine.kv_cache import PagedKVCache
 
-    cfg = EngineConfig(max_batch_size=max_batch_size, kv_cache_mb=1 << 16, max_waiting=4096,
-                       max_model_len=max_model_len)
+    c, bs = model.config, 16
+    tokens = seq_len or max_model_len or c.max_position_embeddings
+    units = max_batch_size * -(-tokens // bs) * c.num_layer_applications(c.max_loops) + c.num_layer_applications(c.max_loops)
+    mb = units * PagedKVCache.unit_bytes(c, bs, model.dtype) / 2**20
+    cfg = EngineConfig(max_batch_size=max_batch_size, kv_cache_mb=mb, max_waiting=4096, max_model_len=max_model_len,
+                       block_size=bs, max_num_batched_tokens=max(256, max_batch_size))
     return Engine(cfg, model=model, tokenizer=tokenizer, metrics=False)
 
 
@@ -155,9 +162,9 @@ class FixedBatch:
 
     def __init__(self, subject: Subject, depths: list[int], prompt_len: int, steps: int, seed: int = 0):
         self.rows = len(depths)
-        self.engine = make_engine(subject.model, subject.tokenizer, max_batch_size=self.rows)
-        prompts = prompt_ids(subject.tokenizer, self.rows, prompt_len, subject.config.vocab_size, seed)
         need = prompt_len + steps + 2
+        self.engine = make_engine(subject.model, subject.tokenizer, max_batch_size=self.rows, seq_len=need)
+        prompts = prompt_ids(subject.tokenizer, self.rows, prompt_len, subject.config.vocab_size, seed)
         if need > self.engine.max_model_len:
             raise ValueError(f"{steps} decode steps after a {prompt_len}-token prompt exceed the model's "
                              f"context of {self.engine.max_model_len} tokens")
@@ -166,8 +173,8 @@ class FixedBatch:
         for k in sorted(set(depths), reverse=True):
             group = [p for p, d in zip(prompts, depths) if d == k]
             self.seqs += self.engine.add_request(group, params, loops=k)
-        while any(s.num_cached == 0 for s in self.seqs):
-            self.engine.step()  # prefill (every row is admitted: the budget is large)
+        while any(not s.output_ids for s in self.seqs):
+            self.engine.step()  # prefill (every row is admitted: the pool holds them all)
 
     def step(self) -> None:
         outs = self.engine.step()

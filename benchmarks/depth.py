@@ -9,7 +9,7 @@ number of keys, plus the scheme's step: MeSH's write/read routers), interleaved 
 MeSH's overhead is the median over rounds of the paired ratio mesh/base - 1 (same round, same load),
 per (batch, K) and pooled over all of them (`mesh_overhead_all`, the headline figure).
 
-KV bytes per token are measured from the pool's tensors after admitting depth-K rows (bytes per row
+KV bytes per token are measured from the paged pool after admitting depth-K rows (units held per token
 per position, summed over the tiers a depth-K row occupies) and checked against 2 * N(K) * d * bytes.
 """
 
@@ -71,14 +71,15 @@ class CorePass:
         self.model.recurrence.step(1, self.state, h)
 
 
-def pool_kv_bytes(pool, loops: int) -> dict:
-    """Bytes per row per position of the tiers a depth-`loops` row lives in, read off the pool's buffers."""
-    measured = 0
-    for t in range(loops):
-        buf = pool.bufs[t]  # (layers, 2, rows, nh, length, hs)
-        measured += buf.numel() * buf.element_size() // (buf.shape[2] * buf.shape[4])
-    unused = [t for t in range(loops, len(pool.bufs)) if pool.bufs[t] is not None]
-    return {"measured": measured, "accounted": pool.bytes_per_token(loops), "tiers_allocated_beyond_depth": unused}
+def pool_kv_bytes(engine, seq) -> dict:
+    """Bytes per token a depth-K sequence holds in the paged pool: its units times a unit's bytes, over the
+    tokens its blocks cover; and the tiers it holds beyond its depth's (prelude, K iterations, coda)."""
+    cfg, bm = engine.model.config, engine.blocks
+    unit = engine.kv.unit_bytes(cfg, bm.block_size, engine.kv.kv.dtype)
+    measured = len(bm.units_of(seq)) * unit // (len(seq.blocks[0]) * bm.block_size)
+    expected_tiers = (cfg.n_prelude > 0) + seq.loops * (cfg.n_core > 0) + (cfg.n_coda > 0)
+    accounted = bm.units_per_block(seq.loops) * unit // bm.block_size
+    return {"measured": measured, "accounted": accounted, "tiers_allocated_beyond_depth": len(seq.blocks) - expected_tiers}
 
 
 def run(subject: Subject, batches=(1, 32), prompt_len: int = 32, rounds: int = 8, steps: int = 8, seed: int = 0,
@@ -120,8 +121,8 @@ def run(subject: Subject, batches=(1, 32), prompt_len: int = 32, rounds: int = 8
     first = next(iter(schemes))
     elem = next(subject.model.parameters()).element_size()
     for K in depths:
-        pool = fixed[(first, batches[0], K)].engine.pool
-        kv = pool_kv_bytes(pool, K)
+        fb = fixed[(first, batches[0], K)]
+        kv = pool_kv_bytes(fb.engine, fb.seqs[0])
         kv.update(loops=K, layers=cfg.num_layer_applications(K),
                   formula=2 * cfg.num_layer_applications(K) * cfg.hidden_size * elem,
                   model=subject.model.kv_bytes_per_token(K))

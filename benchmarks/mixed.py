@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from server.engine.kv_pool import KVPool
+from server.engine.block_manager import BlockManager
+from server.engine.kv_cache import PagedKVCache
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 
@@ -65,27 +66,30 @@ def run(subject: Subject, rows: int = 32, prompt_len: int = 32, rounds: int = 8,
 
 
 def admission(subject: Subject, budget_mb: float, prompt_len: int, max_tokens: int, offered: int = 4096) -> dict:
-    """Requests the scheduler admits against a `budget_mb` KV budget (no row limit), per depth and for an
-    even mix of all depths. Uses the server's own Scheduler and KVPool; no forward pass runs."""
+    """Requests the scheduler admits in one step from a `budget_mb` K/V pool (no row limit), per depth and
+    for an even mix of all depths, next to how many prompt + max_tokens reservations the same bytes would
+    hold (what admission did before the paged pool). The server's own Scheduler and BlockManager; no
+    forward pass runs."""
     cfg = subject.config
     p = next(subject.model.parameters())
-    budget = int(budget_mb * 2**20)
+    bs = 16
+    unit = PagedKVCache.unit_bytes(cfg, bs, p.dtype)
+    num_units = int(budget_mb * 2**20) // unit
     params = greedy(max_tokens)
     ids = [1] * prompt_len
     rows = []
     mixes = [[k] for k in range(1, cfg.max_loops + 1)] + [list(range(cfg.max_loops, 0, -1))]
     for depths in mixes:
-        pool = KVPool(cfg, budget, max_rows=offered, max_len=prompt_len + max_tokens, dtype=p.dtype, device=p.device)
-        sched = Scheduler(pool, max_num_batched_tokens=offered * prompt_len)
-        for i in range(offered):
-            sched.add(Sequence(ids, params, depths[i % len(depths)]))
-        batch = sched.schedule()  # admits first come, first served until the budget is spent
-        admitted = len(pool.rows) if batch is not None else 0
-        per_request = sum(pool.bytes_per_token(k) for k in depths) / len(depths) * (prompt_len + max_tokens)
+        blocks = BlockManager(cfg, num_units, bs, prompt_len + max_tokens, enable_prefix_caching=False)
+        sched = Scheduler(blocks, max_num_batched_tokens=offered * prompt_len, max_num_seqs=offered)
+        for i in range(offered):  # distinct prompts: no block is shared
+            sched.add(Sequence([i] + ids[1:], params, depths[i % len(depths)]))
+        sched.schedule()  # admits first come, first served while blocks for the prompts are free
+        per_request = sum(cfg.num_layer_applications(k) for k in depths) / len(depths) * unit / bs * (prompt_len + max_tokens)
         rows.append({
             "loops": depths[0] if len(depths) == 1 else "mix " + "/".join(map(str, sorted(depths))),
-            "kv_bytes_per_token": pool.bytes_per_token(depths[0]) if len(depths) == 1 else None,
-            "admitted": admitted,
-            "budget_over_request_bytes": budget / per_request,
+            "kv_bytes_per_token": cfg.num_layer_applications(depths[0]) * unit // bs if len(depths) == 1 else None,
+            "admitted": len(sched.running),
+            "budget_over_request_bytes": num_units * unit / per_request,
         })
     return {"budget_mb": budget_mb, "prompt_len": prompt_len, "max_tokens": max_tokens, "rows": rows}

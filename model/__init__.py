@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .cache import MeshCache, kv_bytes_per_token, virtual_layer
+from .cache import MeshCache, kv_bytes_per_token, num_paged_slots, paged_slot, tiers, virtual_layer
 from .config import SCHEMES, MeshConfig
 from .modeling import MeshForCausalLM
 
@@ -17,4 +17,4 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "default"  # the embedded defa
 AutoConfig.register("mesh", MeshConfig, exist_ok=True)
 AutoModelForCausalLM.register(MeshConfig, MeshForCausalLM, exist_ok=True)
 
-__all__ = ["DEFAULT_MODEL", "MeshConfig", "MeshForCausalLM", "MeshCache", "SCHEMES", "kv_bytes_per_token", "virtual_layer"]
+__all__ = ["DEFAULT_MODEL", "MeshConfig", "MeshForCausalLM", "MeshCache", "SCHEMES", "kv_bytes_per_token", "num_paged_slots", "paged_slot", "tiers", "virtual_layer"]

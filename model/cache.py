@@ -35,6 +35,34 @@ def virtual_layer(config: MeshConfig, stage: str, index: int, iteration: int, lo
     return p + loops * c + index  # coda
 
 
+def paged_slot(config: MeshConfig, stage: str, index: int, iteration: int) -> int:
+    """Slot of a layer application in a paged cache, the same for every depth: prelude i -> i, core
+    iteration t layer j -> P + t*C + j, coda layer d -> P + max_loops*C + d. A depth-K sequence fills
+    the slots of its prelude, iterations 0..K-1 and coda only (its coda K/V is its depth's own)."""
+    p, c = config.n_prelude, config.n_core
+    if stage == "prelude":
+        return index
+    if stage == "core":
+        return p + iteration * c + index
+    return p + config.max_loops * c + index  # coda
+
+
+def num_paged_slots(config: MeshConfig) -> int:
+    return config.n_prelude + config.max_loops * config.n_core + config.n_coda
+
+
+def tiers(config: MeshConfig, loops: int) -> list[tuple[tuple, int, int]]:
+    """The tiers a depth-`loops` sequence holds K/V for, as (key, first slot, layers): the prelude, core
+    iterations 0..K-1 and the coda at depth K. Keys name what the K/V depends on: prelude and iteration t
+    K/V are the same whatever the depth (iteration t sees only iterations <= t), the coda's is not."""
+    p, c, d = config.n_prelude, config.n_core, config.n_coda
+    out = [(("prelude",), 0, p)] if p else []
+    out += [(("core", t), p + t * c, c) for t in range(loops if config.is_recursive else 0) if c]
+    if d:
+        out.append((("coda", loops), p + config.max_loops * c, d))
+    return out
+
+
 def kv_bytes_per_token(config: MeshConfig, loops: int | None = None, dtype: torch.dtype = torch.float32) -> int:
     """2 (K and V) * N(K) * n_heads * head_size * bytes per element."""
     elem = torch.empty((), dtype=dtype).element_size()

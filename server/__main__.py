@@ -23,11 +23,19 @@ FLAGS = [
     ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N"),
     ("--dtype", str, "auto", "weights and KV cache: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"),
     ("--max-batch-size", int, 64, "most sequences decoded together in one step"),
-    ("--kv-cache-mb", float, 1024.0, "KV cache budget in MiB: a request is admitted when its "
-                                      "kv_bytes_per_token(loops) * (prompt + max_tokens) fits in what is left"),
+    ("--kv-cache-mb", float, None, "size of the K/V block pool in MiB, allocated at start and never exceeded "
+                                   "(default 256 on CPU; on CUDA, when given, it wins over --gpu-memory-utilization)"),
+    ("--gpu-memory-utilization", float, 0.9, "CUDA only, when --kv-cache-mb is not given: the pool takes the device "
+                                              "memory free after loading the model, less (1 - this) of the total"),
+    ("--block-size", int, 16, "tokens per K/V block (a block holds one tier: the prelude, one core iteration, "
+                              "or the coda at one depth)"),
     ("--max-waiting", int, 128, "most sequences waiting for admission; past it requests get 429 with Retry-After"),
     ("--max-model-len", int, None, "longest prompt + max_tokens accepted; default the model's max_position_embeddings"),
-    ("--max-num-batched-tokens", int, None, "padded prompt tokens per prefill step; default max(2048, max-model-len)"),
+    ("--max-num-batched-tokens", int, 256, "tokens one step may carry: one per decoding sequence plus prompt "
+                                            "chunks (long prompts are split across steps, so running streams keep "
+                                            "their pace); must be >= --max-batch-size"),
+    ("--enable-prefix-caching", int, 1, "1: reuse the K/V of full blocks of earlier prompts (prelude and core "
+                                        "iterations across depths, the coda at the same depth); 0: off"),
     ("--served-model-name", str, None, "the model name clients send; default the model directory's name"),
     ("--threads", int, 0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores). On a "
                           "busy or small machine 1 is often fastest: decode steps are many small operations"),
@@ -41,7 +49,8 @@ FLAGS = [
     ("--shutdown-grace", float, 30.0, "on SIGTERM: seconds in-flight requests (streams included) get to finish "
                                       "while new ones are refused; then they are cut and the server exits"),
 ]
-CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--log-level": ("debug", "info", "warning", "error")}
+CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--log-level": ("debug", "info", "warning", "error"),
+           "--enable-prefix-caching": (0, 1)}
 
 
 def env_name(flag: str) -> str:
@@ -51,9 +60,9 @@ def env_name(flag: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m server",
-        description="Serve a MeSH model with an OpenAI-compatible API (POST /v1/completions with the extra "
-                    "field `loops`, the recursion depth of each request; /v1/models, /health, /metrics, "
-                    "/tokenize, /detokenize).",
+        description="Serve a MeSH model with an OpenAI-compatible API (POST /v1/completions and "
+                    "/v1/chat/completions with the extra field `loops`, the recursion depth of each request; "
+                    "/v1/models, /health, /metrics, /tokenize, /detokenize) and a browser playground at /.",
         epilog="Each flag can be set by an environment variable, shown in brackets; the flag wins. "
                "Example: python -m server --port 8000 --kv-cache-mb 512",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -67,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "[MESH_API_KEY, one key; prefer it or the file: flags show up in `ps`]")
     parser.add_argument("--metrics-require-key", action="store_true",
                         help="/metrics needs the key too (default: open, for Prometheus) [MESH_METRICS_REQUIRE_KEY=1]")
+    parser.add_argument("--no-ui", action="store_true",
+                        help="no browser playground at / (the API and /docs stay) [MESH_NO_UI=1]")
     return parser
 
 
@@ -98,8 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    if os.environ.get("MESH_METRICS_REQUIRE_KEY", "").strip().lower() in ("1", "true", "yes"):
-        args.metrics_require_key = True
+    for flag in ("metrics_require_key", "no_ui"):  # switches: MESH_<FLAG>=1 turns them on
+        if os.environ.get(env_name(flag), "").strip().lower() in ("1", "true", "yes"):
+            setattr(args, flag, True)
     for flag in ("max_request_bytes", "request_timeout", "shutdown_grace"):
         if getattr(args, flag) < 0 or (flag == "max_request_bytes" and args.max_request_bytes < 1):
             parser.error(f"--{flag.replace('_', '-')} must be {'>= 1' if flag == 'max_request_bytes' else '>= 0'}, "
@@ -127,8 +139,10 @@ def main(argv=None) -> int:
         keys = api_keys(args)  # before the model loads: a bad key file fails fast
         config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-            kv_cache_mb=args.kv_cache_mb, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-            max_num_batched_tokens=args.max_num_batched_tokens, served_model_name=args.served_model_name,
+            kv_cache_mb=args.kv_cache_mb, gpu_memory_utilization=args.gpu_memory_utilization,
+            block_size=args.block_size, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=bool(args.enable_prefix_caching),
+            served_model_name=args.served_model_name,
         )
         engine = Engine(config)
     except (ValueError, OSError) as e:
@@ -137,17 +151,19 @@ def main(argv=None) -> int:
     cfg = engine.model.config
     logging.getLogger("server").info(
         "serving %s (%s, scheme %s, loops 1..%d, default %d) on %s (%d threads), %s, max_model_len %d, "
-        "KV budget %.0f MiB, at http://%s:%d",
+        "at http://%s:%d",
         engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device, torch.get_num_threads(),
-        str(engine.dtype).replace("torch.", ""), engine.max_model_len, config.kv_cache_mb, args.host, args.port,
+        str(engine.dtype).replace("torch.", ""), engine.max_model_len, args.host, args.port,
     )
     log = logging.getLogger("server")
+    log.info("%s", engine.describe_pool())
     log.info("API keys: %s; /metrics %s; request body <= %d bytes; request timeout %s; shutdown grace %g s",
              f"{len(keys)} configured" if keys else "none (open to anyone who can reach the port)",
              "needs a key" if keys and args.metrics_require_key else "open", args.max_request_bytes,
              f"{args.request_timeout:g} s" if args.request_timeout else "none", args.shutdown_grace)
     app = create_app(engine, api_keys=keys, metrics_require_key=args.metrics_require_key,
-                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout or None)
+                     max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout or None,
+                     ui=not args.no_ui)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: uvicorn stops accepting and drains connections;

@@ -1,7 +1,8 @@
 """The serving engine without HTTP: greedy == MeshForCausalLM.generate at every depth, continuous
-mixed-depth batching, the depth-aware KV pool (rows skip iterations they do not need, memory by depth,
-row moves keep K/V), admission against the byte budget, seeded sampling independent of the batch,
-stop strings / end-of-text, aborts, prompt logprobs, and the sampling and detokenizer functions.
+mixed-depth batching, the paged depth-tiered K/V pool (rows skip iterations they do not need, memory by
+depth, a hard cap), chunked prefill, preemption, prefix caching, n > 1 sharing, allocation and forward
+faults, seeded sampling independent of the batch, stop strings / end-of-text, aborts, prompt logprobs,
+and the sampling and detokenizer functions.
 
 A tiny random checkpoint (tests/server_fixtures.py) on CPU; the engine is stepped in the test's thread.
 """
@@ -16,7 +17,7 @@ import torch
 from server import Engine, EngineConfig, SamplingParams
 from server.engine.detokenizer import Detokenizer
 from server.engine import RequestError
-from server.engine.kv_pool import KVPool
+from server.engine.block_manager import BlockManager
 from server.engine.sampler import BatchSampling, apply_top_k_top_p, exponential_race, sample
 from server.engine.sequence import Sequence
 from server_fixtures import LINES, build_checkpoint, reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
@@ -59,105 +60,105 @@ def test_greedy_alone_matches_generate_at_every_depth(engine, refs):
 
 
 def test_continuous_mixed_depth_batching_matches_generate(engine, refs):
-    """Requests of random depths join while others decode and leave when done; rows stay sorted
-    deepest first and every sequence still produces generate()'s tokens."""
+    """Requests of random depths join while others decode and leave when done; every sequence still
+    produces generate()'s tokens, and all blocks are free at the end."""
     rng = random.Random(0)
     jobs = [(p, rng.randint(1, 4)) for p in PROMPTS * 3]
     started, seen_depths, steps = [], set(), 0
     while jobs or engine.has_work():
         if jobs and rng.random() < 0.5:
-            for _ in range(rng.randint(1, 3)):  # sometimes several join in one prefill step
+            for _ in range(rng.randint(1, 3)):  # sometimes several join in one step
                 if jobs:
                     p, k = jobs.pop()
                     started += [(p, k, s) for s in engine.add_request([engine.encode(p)], GREEDY, loops=k)]
         engine.step()
         steps += 1
-        rows = engine.pool.rows
-        assert [s.loops for s in rows] == sorted((s.loops for s in rows), reverse=True)
-        assert [s.row for s in rows] == list(range(len(rows)))
-        seen_depths.add(tuple(sorted({s.loops for s in rows})))
+        seen_depths.add(tuple(sorted({s.loops for s in engine.scheduler.running})))
     assert max(len(d) for d in seen_depths) >= 3, "the batch never mixed depths"
     assert steps < len(started) * GREEDY.max_tokens, "no batching happened"
     for p, k, seq in started:
         assert same_greedy(seq.output_ids, refs[(p, k)]), (p, k)
-    assert engine.pool.rows == [] and engine.pool.reserved == 0 and engine.pool.allocated_bytes() == 0
+    assert engine.scheduler.running == [] and engine.blocks.num_used == 0
 
 
 def test_shallow_rows_skip_deep_iterations_and_hold_no_deep_kv(engine, monkeypatch):
-    pool, cfg = engine.pool, engine.model.config
+    cfg, blocks = engine.model.config, engine.blocks
     for k in range(1, 5):
-        assert pool.bytes_per_token(k) == engine.model.kv_bytes_per_token(k) == 2 * cfg.num_layer_applications(k) * cfg.hidden_size * 4
-    # Only depth-1 rows: nothing is allocated for core iterations >= 1.
-    for p in PROMPTS[:2]:
-        engine.add_request([engine.encode(p)], GREEDY, loops=1)
-    engine.step()
-    assert pool.bufs[0] is not None and all(b is None for b in pool.bufs[1:])
-    assert pool.allocated_bytes() == pool.bufs[0].shape[2] * pool.length * pool.bytes_per_token(1)
-    # Two depth-4 rows join: iterations 1..3 run (and hold memory) for those two rows only.
-    for p in PROMPTS[2:4]:
-        engine.add_request([engine.encode(p)], GREEDY, loops=4)
-    engine.step()  # prefill of the newcomers
+        assert blocks.units_per_block(k) == cfg.num_layer_applications(k)
+        assert engine.kv.unit_bytes(cfg, blocks.block_size, torch.float32) * blocks.units_per_block(k) == \
+            engine.model.kv_bytes_per_token(k) * blocks.block_size
+    shallow = [engine.add_request([engine.encode(p)], GREEDY, loops=1)[0] for p in PROMPTS[:2]]
+    deep = [engine.add_request([engine.encode(p)], GREEDY, loops=4)[0] for p in PROMPTS[2:4]]
+    engine.step()  # the prompts, as chunks
+    for seq in shallow + deep:  # a depth-K row holds N(K) units per block of tokens, nothing for deeper tiers
+        assert len(blocks.units_of(seq)) == len(seq.blocks[0]) * cfg.num_layer_applications(seq.loops)
+        assert len(seq.blocks) == 2 + seq.loops  # prelude, iterations 0..K-1, its coda
     calls = []
-    update = pool.update
-    monkeypatch.setattr(pool, "update", lambda k, v, i, kw: calls.append((kw["stage"], kw["iteration"], k.shape[0])) or update(k, v, i, kw))
-    engine.step()  # one decode step of the mixed batch
-    assert [s.loops for s in pool.rows] == [4, 4, 1, 1]
+    attend = engine.kv.attend
+    monkeypatch.setattr(engine.kv, "attend", lambda q, k, v, kw: calls.append((kw["stage"], kw["iteration"], q.shape[0])) or attend(q, k, v, kw))
+    engine.step()  # one decode step of the mixed batch: rows sorted deepest first
     core = {(t, n) for stage, t, n in calls if stage == "core"}
     assert core == {(0, 4), (1, 2), (2, 2), (3, 2)}
     assert {n for stage, _, n in calls if stage != "core"} == {4}
-    assert all(pool.tier_rows(t) == 2 for t in range(1, 4)) and pool.tier_rows(0) == 4
     monkeypatch.undo()
     run_all(engine)
 
 
-def test_pool_row_moves_keep_each_sequences_kv(engine):
-    """Random joins and leaves: every row's K/V stays its own after the swaps that keep depth order."""
+def test_block_pool_accounting_under_random_load(engine):
+    """Random allocations, prefix matches and frees: every unit is free, cached or held, never twice; held
+    units belong to live sequences; shared blocks are counted once."""
     cfg = engine.model.config
-    pool = KVPool(cfg, budget_bytes=1 << 30, max_rows=16, max_len=64)
+    bm = BlockManager(cfg, num_units=200, block_size=4, max_model_len=64)
     rng = random.Random(1)
     live: list[Sequence] = []
-    with torch.inference_mode():
-        for _ in range(200):
-            if live and (len(live) == 16 or rng.random() < 0.45):
-                seq = live.pop(rng.randrange(len(live)))
-                pool.remove(seq)
-            else:
-                seq = Sequence([1, 2, 3], GREEDY, rng.randint(1, 4))
-                pool.insert(seq)
-                seq.num_cached = rng.randint(1, 8)
-                for t in range(seq.loops):  # stamp this sequence's id into all its K/V
-                    pool.bufs[t][:, :, seq.row, :, : seq.num_cached] = seq.id
+    for _ in range(300):
+        if live and (len(live) == 12 or rng.random() < 0.4):
+            bm.free(live.pop(rng.randrange(len(live))))
+        else:
+            seq = Sequence([rng.randint(1, 3) for _ in range(rng.randint(1, 20))], GREEDY, rng.randint(1, 4))
+            bm.match_prefix(seq)
+            if bm.allocate(seq, seq.num_tokens - seq.num_computed):
+                seq.num_computed = seq.num_tokens
+                bm.commit(seq)
                 live.append(seq)
-            assert [s.loops for s in pool.rows] == sorted((s.loops for s in pool.rows), reverse=True)
-            assert sorted(s.id for s in pool.rows) == sorted(s.id for s in live)
-            for s in live:
-                for t in range(s.loops):
-                    assert bool((pool.bufs[t][:, :, s.row, :, : s.num_cached] == s.id).all())
-            for t in range(cfg.max_loops):  # a tier exists only while some row uses it
-                assert (pool.bufs[t] is None) == (pool.tier_rows(t) == 0)
-    assert pool.reserved == sum(pool.bytes_needed(s) for s in live)
+            else:
+                bm.free(seq)
+        held = {u for s in live for u in bm.units_of(s)}
+        cached = [u for b in bm.cached.values() for u in b.units]
+        assert len(set(bm.free_units)) == len(bm.free_units)
+        assert not held & set(bm.free_units) and not held & set(cached) and not set(cached) & set(bm.free_units)
+        assert len(held) + len(cached) + len(bm.free_units) == 200 and bm.num_used == len(held)
+        for s in live:  # each sequence's table names its own blocks' units, tier by tier
+            for (_, first, n), tier in zip(bm._tiers[s.loops], s.blocks):
+                assert s.table[first : first + n, : len(tier)].T.tolist() == [b.units for b in tier]
 
 
-def test_admission_against_the_kv_byte_budget(ckpt):
-    probe = Engine(EngineConfig(model=ckpt), metrics=False)
-    ids = probe.encode(PROMPTS[0])
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    need4 = probe.pool.bytes_per_token(4) * (len(ids) + params.max_tokens)
-    # A budget for exactly two depth-4 requests: N(1) = 3 and N(4) = 6 layer applications, so four depth-1 ones.
-    eng = Engine(EngineConfig(model=ckpt, kv_cache_mb=2 * need4 / 2**20, max_batch_size=8), metrics=False)
-    for loops, allowed in ((4, 2), (1, 4)):
-        seqs = eng.add_request([ids] * 6, params, loops=loops)
-        peak = 0
-        while eng.has_work():
-            eng.step()
-            peak = max(peak, len(eng.pool.rows))
-            assert eng.pool.reserved <= eng.pool.budget and eng.pool.usage <= 1.0
-        assert peak == allowed, loops
-        assert all(s.finish_reason == "length" for s in seqs)
-        assert eng.pool.usage == 0.0
-    with pytest.raises(RequestError) as e:  # needs more than the whole budget: can never run
-        eng.add_request([ids], SamplingParams(max_tokens=40), loops=4)
-    assert e.value.param == "max_tokens" and "KV cache" in str(e.value)
+def test_the_pool_is_a_hard_cap_and_admission_takes_blocks_needed_now(ckpt):
+    """A 0.25 MiB pool (64 units of 16 tokens: N(4) = 6 units a block, N(1) = 3) under a mixed load of
+    requests whose prompt + max_tokens alone would exceed it many times: the pool tensor is the only K/V
+    memory, used units never exceed it, more sequences run at once than prompt + max_tokens reservations
+    would allow, preempted rows resume, and every output still equals generate()'s."""
+    eng = Engine(EngineConfig(model=ckpt, kv_cache_mb=0.25, max_batch_size=16, max_num_batched_tokens=32), metrics=False)
+    assert eng.kv.nbytes <= 0.25 * 2**20 and eng.blocks.num_units == 64
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    seqs = [s for k in (4, 1, 3, 2) for s in eng.add_request([eng.encode(p) for p in PROMPTS[:4]], params, loops=k)]
+    streamed = {s.id: [] for s in seqs}
+    peak = 0
+    while eng.has_work():
+        for out in eng.step():
+            streamed[out.seq.id] += out.token_ids
+        assert eng.blocks.num_used <= eng.blocks.num_units
+        peak = max(peak, len(eng.scheduler.running))
+    reserved = sum(-(-(len(s.prompt_ids) + 60) // 16) * eng.blocks.units_per_block(s.loops) for s in seqs) / len(seqs)
+    assert peak > 64 / reserved, "admission reserved prompt + max_tokens"
+    assert sum(s.num_preemptions for s in seqs) > 0, "the load never ran out of blocks"
+    for s in seqs:
+        assert streamed[s.id] == s.output_ids and len(s.output_ids) == 60, "a preempted stream lost or repeated tokens"
+        assert same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, s.loops, 60))
+    assert eng.blocks.num_used == 0
+    with pytest.raises(RequestError) as e:  # more than the whole pool: a clear error, never a preemption loop
+        eng.add_request([eng.encode(PROMPTS[0])], SamplingParams(max_tokens=180), loops=4)
+    assert e.value.param == "max_tokens" and "whole pool" in str(e.value)
 
 
 def test_max_batch_size_bounds_the_running_batch(ckpt):
@@ -166,17 +167,113 @@ def test_max_batch_size_bounds_the_running_batch(ckpt):
     peak = 0
     while eng.has_work():
         eng.step()
-        peak = max(peak, len(eng.pool.rows))
+        peak = max(peak, len(eng.scheduler.running))
     assert peak == 3 and all(s.finish_reason == "length" for s in seqs)
 
 
-def test_prefill_token_budget_splits_admission(ckpt):
-    eng = Engine(EngineConfig(model=ckpt, max_num_batched_tokens=8), metrics=False)
-    eng.add_request([[5, 6, 7, 8, 9]] * 3, GREEDY, loops=1)
-    started = []  # sequences that got their first token, per step
+def test_chunked_prefill_keeps_running_streams_going(ckpt):
+    """Under a 16-token step budget a 100-token prompt is split into chunks while a running stream gets a
+    token every step; both outputs equal generate()'s."""
+    eng = Engine(EngineConfig(model=ckpt, max_num_batched_tokens=16, max_batch_size=4), metrics=False)
+    (stream,) = eng.add_request([eng.encode(PROMPTS[1])], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), loops=2)
+    eng.step()
+    eng.step()
+    long_ids = (eng.encode(" ".join(LINES)) * 2)[:100]
+    (long,) = eng.add_request([long_ids], GREEDY, loops=3)
+    steps = 0
+    while not long.output_ids:
+        before = len(stream.output_ids)
+        eng.step()
+        steps += 1
+        assert len(stream.output_ids) == before + 1, "the running stream missed a step"
+    assert steps == -(-100 // 15), "the prompt took 15 tokens a step beside the stream's one"
+    run_all(eng)
+    assert same_greedy(long.output_ids, reference_greedy(eng.model, long_ids, 3, GREEDY.max_tokens))
+    assert same_greedy(stream.output_ids, reference_greedy(eng.model, stream.prompt_ids, 2, 40))
+
+
+def test_prefix_cache_hits_give_the_same_output(ckpt):
+    """A second request sharing a 64-token prefix computes only the rest: same greedy tokens, same
+    logprobs. Prelude and iteration blocks are keyed without depth, the coda with it: a request at another
+    depth gets no hit (its coda K/V differ), and one asking for prompt logprobs computes everything."""
+    eng = Engine(EngineConfig(model=ckpt, max_num_batched_tokens=256), metrics=False)
+    hits = []
+    on_admit = eng.scheduler.on_admit
+    eng.scheduler.on_admit = lambda s, q, h: hits.append(h) or on_admit(s, q, h)
+    prefix = (eng.encode(" ".join(LINES)) * 2)[:64]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    cold = eng.generate([prefix + eng.encode(" All: Speak")], params, loops=3)[0]
+    warm = eng.generate([prefix + eng.encode(" All: Speak")], params, loops=3)[0]
+    assert hits == [0, 64]
+    assert warm.token_ids == cold.token_ids
+    for (a, _), (b, _) in zip(cold.logprobs, warm.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+    eng.generate([prefix + eng.encode(" First")], params, loops=2)
+    echo = SamplingParams(temperature=0, max_tokens=2, logprobs=1, prompt_logprobs=True)
+    (seq,) = eng.add_request([prefix + eng.encode(" All")], echo, loops=3)
+    run_all(eng)
+    assert hits[2:] == [0, 0] and len(seq.prompt_logprobs) == 64 + len(eng.encode(" All"))
+
+
+def test_n_choices_share_the_prompt_blocks(ckpt):
+    eng = Engine(EngineConfig(model=ckpt, enable_prefix_caching=False), metrics=False)
+    ids = eng.encode(" ".join(LINES))[:40]
+    a, b = eng.add_request([ids], SamplingParams(temperature=1.0, seed=3, max_tokens=5, ignore_eos=True), loops=2, n=2)
+    while not b.output_ids:
+        eng.step()
+    shared = [x is y for x, y in zip(a.blocks[0], b.blocks[0])]
+    assert shared == [True, True, False]  # the two full blocks of 16 tokens; the partial third is each one's own
+    run_all(eng)
+    assert eng.blocks.num_used == 0
+
+
+def test_allocation_faults_fail_only_their_sequence(ckpt, refs, monkeypatch):
+    """An exception while taking units (fault injection) ends that one sequence with an error; the pool
+    stays consistent and the other sequences finish with generate()'s text."""
+    eng = Engine(EngineConfig(model=ckpt, max_num_batched_tokens=64), metrics=False)
+    real, calls = BlockManager._take_unit, [0]
+
+    def take_unit(self):
+        calls[0] += 1
+        if calls[0] == 10:
+            raise MemoryError("injected allocation fault")
+        return real(self)
+
+    monkeypatch.setattr(BlockManager, "_take_unit", take_unit)
+    seqs = [eng.add_request([eng.encode(p)], GREEDY, loops=2)[0] for p in PROMPTS[:4]]
+    outs = []
     while eng.has_work():
-        started.append(sum(len(o.seq.output_ids) == 1 for o in eng.step()))
-    assert started[:4] == [1, 1, 1, 0], "each 5-token prompt is its own prefill under an 8-token budget"
+        outs += eng.step()
+    failed = [o for o in outs if o.finish_reason == "error"]
+    assert len(failed) == 1 and "injected allocation fault" in failed[0].error
+    for p, seq in zip(PROMPTS, seqs):
+        if seq is not failed[0].seq:
+            assert seq.finish_reason == "length" and same_greedy(seq.output_ids, refs[(p, 2)])
+    bm = eng.blocks
+    assert bm.num_used == 0 and len(set(bm.free_units)) == len(bm.free_units) == bm.num_units - bm.num_cached_units
+
+
+def test_a_raising_forward_is_retried_row_by_row(engine, refs, monkeypatch):
+    """The model raises whenever one poisoned sequence is in the batch: the step is retried row by row,
+    only that sequence fails, and the rows beside it finish with generate()'s tokens."""
+    real = engine.runner.run
+    seqs = [engine.add_request([engine.encode(p)], GREEDY, loops=3)[0] for p in PROMPTS[:3]]
+    bad = seqs[1]
+
+    def run(rows):
+        if any(s is bad for s, _ in rows) and bad.num_computed > len(bad.prompt_ids) + 2:
+            raise RuntimeError("injected forward fault")
+        return real(rows)
+
+    monkeypatch.setattr(engine.runner, "run", run)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    (failed,) = [o for o in outs if o.finish_reason == "error"]
+    assert failed.seq is bad and "injected forward fault" in failed.error and len(bad.output_ids) == 4
+    for p, seq in zip(PROMPTS, seqs):
+        if seq is not bad:
+            assert same_greedy(seq.output_ids, refs[(p, 3)])
 
 
 def test_seeded_sampling_is_independent_of_the_batch(engine):
@@ -225,14 +322,14 @@ def test_abort_frees_the_row_at_the_next_step(engine):
     seqs = engine.add_request([engine.encode(PROMPTS[0])] * 2, SamplingParams(temperature=0, max_tokens=50), loops=4)
     engine.step()
     engine.step()
-    assert len(engine.pool.rows) == 2 and engine.pool.reserved > 0
+    assert engine.scheduler.running == seqs and engine.blocks.num_used > 0
     engine.abort(seqs[:1])
     outs = engine.step()
     assert [o.finish_reason for o in outs if o.seq is seqs[0]] == ["abort"]
-    assert engine.pool.rows == [seqs[1]] and engine.pool.reserved == engine.pool.bytes_needed(seqs[1])
+    assert engine.scheduler.running == [seqs[1]] and engine.blocks.num_used == len(engine.blocks.units_of(seqs[1]))
     engine.abort(seqs[1:])
     engine.step()
-    assert engine.pool.rows == [] and engine.pool.reserved == 0 and not engine.has_work()
+    assert engine.scheduler.running == [] and engine.blocks.num_used == 0 and not engine.has_work()
 
 
 def test_non_finite_logits_fail_only_their_own_row(ckpt, refs):
@@ -252,7 +349,7 @@ def test_non_finite_logits_fail_only_their_own_row(ckpt, refs):
     assert failed.finish_reason == "error" and "non-finite" in failed.error and bad.output_ids == []
     for p, seq in zip(PROMPTS, good):
         assert seq.finish_reason == "length" and same_greedy(seq.output_ids, refs[(p, 2)])
-    assert eng.pool.rows == [] and eng.pool.reserved == 0
+    assert eng.scheduler.running == [] and eng.blocks.num_used == 0
 
 
 def test_logprobs_match_the_model(engine):

@@ -1,29 +1,22 @@
-"""The engine: model + tokenizer + KV pool + scheduler + runner, stepped in a background thread.
+"""The engine core: requests in, one step at a time, outputs out. Synchronous: no threads, no asyncio.
 
-Ways to drive it:
-
-    engine = Engine(EngineConfig(model="model/default"))  # or Engine(config, model=m, tokenizer=t, metrics=False)
-    # synchronous, in this thread (tests, benchmarks): whole requests ...
-    greedy = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True, detokenize=False)
-    outs = engine.generate([[1, 2, 3]] * 32, greedy, loops=2)        # -> [Completion]
-    # ... or single steps: each is one prefill of newly admitted rows or one decode token for all rows
-    seqs = engine.add_request([[1, 2, 3]] * 16, greedy, loops=1) + engine.add_request([[4, 5]] * 16, greedy, loops=4)
+    engine = Engine(EngineConfig(model="model/default"))   # or Engine(config, model=m, tokenizer=t, metrics=False)
+    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, detokenize=False)
+    outs = engine.generate([[1, 2, 3]] * 32, greedy, loops=2)           # whole requests -> [Completion]
+    seqs = engine.add_request([[1, 2, 3]] * 16, greedy, loops=1)        # or step by step:
     while engine.has_work():
-        engine.step()                                                  # -> [StepOutput]
-    # serving: a thread runs steps; each request gets an asyncio queue of StepOutputs
-    engine.start()
-    handle = engine.submit([ids], params, loops=2)        # inside a running event loop
-    async for out in handle: ...                           # handle.abort() frees its rows at once
+        engine.step()                                                   # -> [StepOutput]
 
-`engine.pool` is the depth-aware KV pool (`bytes_per_token(K)`, `allocated_bytes()`, `tier_rows(t)`).
+    step = schedule (which rows, how many tokens) -> run (the model) -> postprocess (sample, finish)
 
-Requests join and leave between steps. add_request / abort only append to thread-safe queues that
-the engine thread drains at the start of each step, so the asyncio side never waits on the model.
+K/V memory is one block pool (kv_cache.py, block_manager.py) sized at start: `--kv-cache-mb` is a hard
+cap. The HTTP side drives the engine through async_engine.AsyncEngine (a thread that steps it and
+delivers outputs to asyncio); `Engine.start / submit / stop / alive` delegate to that wrapper.
+add_request and abort may be called from any thread: they only append to queues that `step` drains.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -37,18 +30,20 @@ import torch
 from model import DEFAULT_MODEL, MeshForCausalLM
 from model.device import resolve_device
 
+from .block_manager import BlockManager
 from .detokenizer import Detokenizer
-from .kv_pool import KVPool
+from .kv_cache import PagedKVCache
 from .loading import load_checkpoint
 from .metrics import Metrics
-from .model_runner import ModelRunner
-from .sampler import Sampler, SamplingParams, prompt_logprobs
+from .model_runner import ModelRunner, RunOutput
+from .sampler import Sampler, SamplingParams, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, StepOutput
 
 log = logging.getLogger("server.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_CACHE_MB = 256.0  # the CPU default: 16k tokens of the default model at depth 3
 
 
 class RequestError(ValueError):
@@ -73,20 +68,28 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     max_batch_size: int = 64  # running sequences per step
-    kv_cache_mb: float = 1024.0  # KV byte budget for admission
+    kv_cache_mb: float | None = None  # the K/V pool; None: 256 MiB on CPU, from gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device memory the process may fill (model + pool)
+    block_size: int = 16  # tokens per K/V block
     max_waiting: int = 128  # waiting sequences before 429
     max_model_len: int | None = None  # prompt + max_tokens; default the model's max_position_embeddings
-    max_num_batched_tokens: int | None = None  # padded prompt tokens per prefill step; default max(2048, max_model_len)
+    max_num_batched_tokens: int = 256  # tokens one step carries: decode rows plus prompt chunks
+    enable_prefix_caching: bool = True
     served_model_name: str | None = None  # the `model` name clients use; default the directory name
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_waiting"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        for name in ("max_batch_size", "max_waiting", "block_size", "max_num_batched_tokens"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not self.kv_cache_mb > 0:
+        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): every running row needs one token a step")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
 
@@ -104,42 +107,15 @@ def load(path: str | Path, device: torch.device, dtype: torch.dtype):
     return load_checkpoint(path, device, dtype)
 
 
-class RequestHandle:
-    """One HTTP request's sequences and the asyncio queue their outputs arrive on (in the event loop's thread)."""
-
-    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop):
-        self.engine, self.loop = engine, loop
-        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self.seqs: list[Sequence] = []
-        self.unfinished = 0
-        self.aborted = False
-        self.deadline: float | None = None  # time.monotonic() past which iterating raises TimeoutError
-
-    def abort(self) -> None:
-        """Frees this request's rows at the next step boundary (client gone, error elsewhere)."""
-        if not self.aborted and self.unfinished:
-            self.aborted = True
-            self.engine.abort(self.seqs)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> StepOutput:
-        if self.unfinished == 0:
-            raise StopAsyncIteration
-        # The per-request timeout (--request-timeout): past the deadline this raises asyncio.TimeoutError,
-        # and the caller aborts the request.
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise asyncio.TimeoutError
-        if not self.queue.empty():
-            out = self.queue.get_nowait()
-        elif self.deadline is None:
-            out = await self.queue.get()
-        else:
-            out = await asyncio.wait_for(self.queue.get(), self.deadline - time.monotonic())
-        if out.finished:
-            self.unfinished -= 1
-        return out
+def kv_pool_bytes(config: EngineConfig, device: torch.device) -> int:
+    """The pool's size: --kv-cache-mb when given; else on CUDA what --gpu-memory-utilization leaves after
+    the weights (free memory minus the share kept back), on CPU 256 MiB."""
+    if config.kv_cache_mb is not None:
+        return int(config.kv_cache_mb * 2**20)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, int(free - (1 - config.gpu_memory_utilization) * total))
+    return int(CPU_KV_CACHE_MB * 2**20)
 
 
 @dataclass
@@ -159,12 +135,39 @@ class Engine:
                  metrics: Metrics | None | bool = True):
         """Loads `config.model` unless `model` and `tokenizer` are given. ``metrics=False``: no Prometheus hooks."""
         self.config = config = config or EngineConfig()
+        self._load(config, model, tokenizer)
+        cfg = self.model.config
+        unit = PagedKVCache.unit_bytes(cfg, config.block_size, self.dtype)
+        num_units = kv_pool_bytes(config, self.device) // unit
+        if num_units < self.blocks_per_token_block(cfg.max_loops):
+            raise ValueError(f"the K/V pool ({num_units * unit / 2**20:.2f} MiB) cannot hold one block of "
+                             f"{config.block_size} tokens at loops={cfg.max_loops}: raise --kv-cache-mb")
+        self.kv = PagedKVCache(cfg, num_units, config.block_size, self.dtype, self.device)
+        self.blocks = BlockManager(cfg, num_units, config.block_size, self.max_model_len,
+                                   config.enable_prefix_caching, clear=self.kv.clear)
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_batch_size)
+        self.runner = ModelRunner(self.model, self.kv)
+        self.sampler = Sampler(self.vocab_size, self.device)
+        self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
+        self.scheduler.on_admit, self.scheduler.on_preempt = self._on_admit, self._on_preempt
+        if self.metrics is not None:
+            self.metrics.bind(self)
+
+        self._inbox: deque[Sequence] = deque()  # added by any thread, drained by step()
+        self._aborts: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self.num_waiting = 0  # sequences submitted and never admitted yet (the 429 bound counts these)
+        self.closed = False  # set by the async wrapper when it stops or dies: add_request refuses
+        from .async_engine import AsyncEngine  # the thread and asyncio side live there
+
+        self.frontend = AsyncEngine(self)
+
+    def _load(self, config: EngineConfig, model, tokenizer) -> None:
         self.device = resolve_device(config.device) if model is None else next(model.parameters()).device
         if model is None:
             self.dtype = resolve_dtype(config.dtype, self.device)
-            path = Path(config.model) if config.model is not None else DEFAULT_MODEL
-            model, tokenizer = load(path, self.device, self.dtype)
-            self.model_path = path
+            self.model_path = Path(config.model) if config.model is not None else DEFAULT_MODEL
+            model, tokenizer = load(self.model_path, self.device, self.dtype)
         else:
             if tokenizer is None:
                 raise ValueError("a tokenizer is needed along with the model")
@@ -179,22 +182,19 @@ class Engine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
         self._backend = tokenizer.backend_tokenizer
 
-        self.pool = KVPool(cfg, int(config.kv_cache_mb * 2**20), config.max_batch_size, self.max_model_len, self.dtype, self.device)
-        self.scheduler = Scheduler(self.pool, config.max_num_batched_tokens or max(2048, self.max_model_len))
-        self.runner = ModelRunner(model, self.pool)
-        self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
-        if self.metrics is not None:
-            self.metrics.bind(self)
+    def blocks_per_token_block(self, loops: int) -> int:
+        return self.model.config.num_layer_applications(loops)
 
-        self._inbox: deque[Sequence] = deque()  # added by any thread, drained by the engine thread
-        self._aborts: deque[Sequence] = deque()
-        self._lock = threading.Lock()
-        self.num_waiting = 0  # sequences submitted and not yet admitted (the 429 bound counts these)
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.error: BaseException | None = None  # why the engine thread died, if it did
-        self.sampler = Sampler(self.vocab_size, self.device)
+    def describe_pool(self) -> str:
+        """One line for the startup log: pool size and how many sequences of each depth fit at full context."""
+        cfg, bs = self.model.config, self.config.block_size
+        per_seq = -(-self.max_model_len // bs)
+        fits = ", ".join(f"{self.blocks.num_units // (per_seq * self.blocks_per_token_block(k))} at loops={k}"
+                         for k in range(1, cfg.max_loops + 1))
+        return (f"K/V pool: {self.kv.nbytes / 2**20:.1f} MiB, {self.blocks.num_units} units of {bs} tokens "
+                f"(a block of {bs} tokens at depth K takes P + K*C + D = {cfg.n_prelude} + K*{cfg.n_core} + "
+                f"{cfg.n_coda} units); sequences of {self.max_model_len} tokens that fit: {fits}; prefix caching "
+                f"{'on' if self.config.enable_prefix_caching else 'off'}")
 
     # ---- tokens <-> text ----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -208,14 +208,13 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
     def check_request(self, prompts: list[list[int]], params: SamplingParams, loops: int | None) -> int:
-        """Validates a request against this model and budget; returns the depth. Raises RequestError."""
+        """Validates a request against this model and pool; returns the depth. Raises RequestError."""
         cfg = self.model.config
         loops = cfg.default_loops if loops is None else loops
         try:
             cfg.check_loops(loops)
         except ValueError as e:
             raise RequestError(str(e), "loops") from None
-        need = self.pool.bytes_per_token(loops)
         for ids in prompts:
             if not ids:
                 raise RequestError("the prompt is empty: give at least one token", "prompt")
@@ -231,10 +230,10 @@ class Engine:
                     f"({len(ids)} in the prompt, {params.max_tokens} in max_tokens): reduce the prompt or max_tokens",
                     "max_tokens",
                 )
-            if need * total > self.pool.budget:
+            if not self.blocks.can_ever_fit(total, loops):
                 raise RequestError(
-                    f"{total} tokens at loops={loops} need {need * total / 2**20:.1f} MiB of KV cache, more than the "
-                    f"whole budget ({self.pool.budget / 2**20:.1f} MiB, --kv-cache-mb): use fewer tokens or a smaller loops",
+                    f"{total} tokens at loops={loops} need more K/V blocks than the whole pool holds "
+                    f"({self.kv.nbytes / 2**20:.1f} MiB, --kv-cache-mb): use fewer tokens or a smaller loops",
                     "max_tokens",
                 )
         return loops
@@ -245,7 +244,7 @@ class Engine:
 
         Raises RequestError (never runnable), QueueFull (retry later) or EngineDead.
         """
-        if self.error is not None or self._stopping:
+        if self.closed:
             raise EngineDead("the engine has stopped")
         loops = self.check_request(prompts, params, loops)
         if len(prompts) * n > self.config.max_waiting:  # could never be queued: not a "retry later"
@@ -254,12 +253,15 @@ class Engine:
         request_id = request_id or uuid.uuid4().hex
         seqs = []
         for p, ids in enumerate(prompts):
+            leader = None
             for i in range(n):
                 detok = Detokenizer(self.decode, ids, params.stop) if params.detokenize else None
-                seqs.append(Sequence(ids, params, loops, request_id=request_id, index=p * n + i,
-                                     generator=params.generator(self.device, offset=i), sink=sink, detok=detok))
+                seq = Sequence(ids, params, loops, request_id=request_id, index=p * n + i, sink=sink, detok=detok,
+                               generator=params.generator(self.device, offset=i), leader=leader)
+                leader = leader or seq
+                seqs.append(seq)
         with self._lock:
-            if self.error is not None or self._stopping:  # checked again under the lock the dying loop takes
+            if self.closed:  # checked again under the lock the dying loop takes
                 raise EngineDead("the engine has stopped")
             if self.num_waiting + len(seqs) > self.config.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.num_waiting} of {self.config.max_waiting} places taken)")
@@ -267,25 +269,58 @@ class Engine:
             self._inbox.extend(seqs)
         if self.metrics is not None:
             self.metrics.loops.observe(loops)
-        self._wake.set()
+        self.frontend.wake()
         return seqs
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, loops: int | None = None, n: int = 1,
-               request_id: str | None = None) -> RequestHandle:
-        """add_request for the asyncio side: outputs arrive on the handle's queue. Call inside the event loop."""
-        handle = RequestHandle(self, asyncio.get_running_loop())
-        handle.seqs = self.add_request(prompts, params, loops, n, request_id, sink=handle)
-        handle.unfinished = len(handle.seqs)
-        return handle
-
     def abort(self, seqs: list[Sequence]) -> None:
-        """Ends these sequences at the next step boundary, freeing their rows. Thread-safe."""
+        """Ends these sequences at the next step boundary, freeing their blocks. Thread-safe."""
         self._aborts.extend(seqs)
-        self._wake.set()
+        self.frontend.wake()
 
-    # ---- one step -----------------------------------------------------------------------------
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.has_work())
+
+    # ---- one step: schedule -> run -> postprocess -------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outputs = self._drain()
+        rows = self.scheduler.schedule()
+        for seq, e in self.scheduler.take_failed():  # allocation faults: the pool is consistent, the row ends
+            outputs.append(self._fail(seq, e))
+        if rows:
+            result = self._run(rows, outputs)
+            outputs += self._postprocess(result)
+        return outputs
+
+    def _run(self, rows: list[tuple[Sequence, int]], outputs: list[StepOutput]) -> RunOutput:
+        """The model over the step's rows; when it raises, each row again alone, failing only those that
+        still raise. Advances each successful row's computed tokens and offers its full blocks to the cache."""
+        try:
+            result, ran = self.runner.run(rows), rows
+        except Exception:
+            log.exception("model step failed (%d rows): retrying each row alone", len(rows))
+            parts, ran = [], []
+            for row in rows:
+                try:
+                    parts.append(self.runner.run([row]))
+                    ran.append(row)
+                except Exception as e:
+                    outputs.append(self._fail(row[0], e))
+            result = RunOutput.merge(parts)
+        for seq, n in ran:
+            seq.num_computed += n
+            self.blocks.commit(seq)
+        return result
+
+    def _postprocess(self, result: RunOutput) -> list[StepOutput]:
+        for seq, (start, logits) in result.prompt_logits.items():
+            self._prompt_logprobs(seq, start, logits)
+        if not result.seqs:
+            return []
+        seqs, logits, outputs = self._drop_non_finite(result.seqs, result.logits)
+        if seqs:
+            outputs += self._sample_and_emit(seqs, logits)
+        return outputs
 
     def _drain(self) -> list[StepOutput]:
         while self._inbox:
@@ -298,49 +333,36 @@ class Engine:
                 outputs.append(StepOutput(seq, [], "", None, "abort"))
         return outputs
 
+    def _on_admit(self, seq: Sequence, queried: int, hit: int) -> None:
+        with self._lock:
+            self.num_waiting -= 1
+        if self.metrics is not None:
+            self.metrics.queue_time.observe(seq.admitted_at - seq.arrival)
+            self.metrics.prefix_queries.inc(queried)
+            self.metrics.prefix_hits.inc(hit)
+
+    def _on_preempt(self, seq: Sequence) -> None:
+        log.debug("preempted %s (request %s): out of K/V blocks", seq, seq.request_id)
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.status is Status.WAITING:
+        if seq.status is Status.WAITING and seq.admitted_at == 0.0:
             with self._lock:
                 self.num_waiting -= 1
         self.scheduler.finish(seq, reason)
         if self.metrics is not None and reason in ("stop", "length"):
             self.metrics.e2e.observe(time.perf_counter() - seq.arrival)
 
-    @torch.inference_mode()  # pool buffers are inference tensors: every change to them happens in this mode
-    def step(self) -> list[StepOutput]:
-        """Admits, then runs one prefill or decode step; returns what each touched sequence got."""
-        outputs = self._drain()
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return outputs
-        kind, seqs = batch
-        try:
-            if kind == "prefill":
-                with self._lock:
-                    self.num_waiting -= len(seqs)
-                if self.metrics is not None:
-                    for s in seqs:
-                        self.metrics.queue_time.observe(s.admitted_at - s.arrival)
-                logits, prompt_logits = self.runner.prefill(seqs)
-                for s in seqs:
-                    s.num_cached = len(s.prompt_ids)
-                if prompt_logits is not None:
-                    self._prompt_logprobs(seqs, prompt_logits)
-            else:
-                logits = self.runner.decode(seqs)
-                for s in seqs:
-                    s.num_cached += 1
-            seqs, logits, failed = self._drop_non_finite(seqs, logits)
-            outputs += failed
-            if seqs:
-                outputs += self._sample_and_emit(seqs, logits)
-        except Exception as e:  # fail this step's sequences, keep serving the others
-            log.exception("engine step failed (%s of %d sequences)", kind, len(seqs))
-            for s in seqs:
-                if s.status is not Status.FINISHED:
-                    self._finish(s, "error")
-                    outputs.append(StepOutput(s, [], "", None, "error", error=f"{type(e).__name__}: {e}"))
-        return outputs
+    def _fail(self, seq: Sequence, e: Exception) -> StepOutput:
+        """Ends one sequence with finish_reason "error" (its request gets a 5xx or an error event)."""
+        log.error("request %s (choice %d) failed: %s: %s", seq.request_id, seq.index, type(e).__name__, e, exc_info=e)
+        if seq.status is not Status.FINISHED:
+            self._finish(seq, "error")
+        elif seq.admitted_at == 0.0:  # failed by the scheduler before its first admission
+            with self._lock:
+                self.num_waiting -= 1
+        return StepOutput(seq, [], "", None, "error", error=f"{type(e).__name__}: {e}")
 
     def _drop_non_finite(self, seqs: list[Sequence], logits: torch.Tensor):
         """Rows whose logits are not finite (NaN/inf, from their own input) fail alone: returns the other
@@ -358,74 +380,82 @@ class Engine:
                 outputs.append(StepOutput(seq, [], "", None, "error", error="the model produced non-finite logits"))
         return [s for s, good in zip(seqs, ok) if good], logits[finite], outputs
 
-    @torch.inference_mode()
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        outputs = []
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs: list[StepOutput]):
+        """(rows kept, their tokens, their logprobs): a fault in one row's sampling fails that row alone."""
         try:
             tokens, lp_rows = self.sampler(seqs, logits)
-        except Exception:  # a fault in one row's sampling must not fail its neighbours: each row alone
+            return seqs, tokens, lp_rows
+        except Exception:
             log.exception("sampling failed for a batch of %d sequences: retrying each alone", len(seqs))
-            tokens, lp_rows, keep = [], {}, []
-            for i, seq in enumerate(seqs):
-                try:
-                    (tok,), lp = self.sampler([seq], logits[i : i + 1])
-                except Exception as e:
-                    outputs.append(self._fail(seq, e))
-                    continue
-                if lp:
-                    lp_rows[len(keep)] = lp[0]
-                keep.append(seq)
-                tokens.append(tok)
-            seqs = keep  # (the others' seeded draws of this one step may differ from a fault-free run)
+        keep, tokens, lp_rows = [], [], {}
+        for i, seq in enumerate(seqs):
+            try:
+                (tok,), lp = self.sampler([seq], logits[i : i + 1])
+            except Exception as e:
+                outputs.append(self._fail(seq, e))
+                continue
+            if lp:
+                lp_rows[len(keep)] = lp[0]
+            keep.append(seq)
+            tokens.append(tok)
+        return keep, tokens, lp_rows  # (the others' seeded draws of this one step may differ from a fault-free run)
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        seqs, tokens, lp_rows = self._sample(seqs, logits, outputs)
         now = time.perf_counter()
-        m = self.metrics
         per_loops: dict[int, int] = {}
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             try:
-                seq.output_ids.append(tok)
-                if m is not None:
-                    (m.ttft.observe(now - seq.arrival) if len(seq.output_ids) == 1 else m.itl.observe(now - seq.last_token_at))
-                    per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
-                if len(seq.output_ids) == 1:
-                    seq.first_token_at = now
-                seq.last_token_at = now
-                p = seq.params
-                reason = None
-                stop_ok = len(seq.output_ids) >= p.min_tokens
-                if tok == self.eos_token_id and not p.ignore_eos and stop_ok:
-                    reason = "stop"
-                elif seq.detok is not None and seq.detok.add(tok) and stop_ok:
-                    reason = "stop"  # a stop string
-                if reason is None and len(seq.output_ids) >= p.max_tokens:
-                    reason = "length"
-                text = seq.detok.delta(final=reason is not None) if seq.detok is not None else ""
-                if reason is not None:
-                    self._finish(seq, reason)
-                outputs.append(StepOutput(seq, [tok], text, lp_rows.get(i), reason))
+                outputs.append(self._emit(seq, tok, lp_rows.get(i), now))
+                per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
             except Exception as e:  # e.g. this row's detokenizer: only this row fails
                 if seq.status is not Status.FINISHED:
                     outputs.append(self._fail(seq, e))
-        if m is not None:
+        if self.metrics is not None:
             for k, c in per_loops.items():
-                m.count_generated(k, c)
+                self.metrics.count_generated(k, c)
         return outputs
 
-    def _fail(self, seq: Sequence, e: Exception) -> StepOutput:
-        """Ends one sequence with finish_reason "error" (its request gets a 5xx or an error event)."""
-        log.error("request %s (choice %d) failed: %s: %s", seq.request_id, seq.index, type(e).__name__, e, exc_info=e)
-        self._finish(seq, "error")
-        return StepOutput(seq, [], "", None, "error", error=f"{type(e).__name__}: {e}")
+    def _emit(self, seq: Sequence, tok: int, logprobs, now: float) -> StepOutput:
+        """Appends one sampled token, decides whether the sequence is done, returns its output."""
+        seq.append(tok)
+        m = self.metrics
+        if m is not None:
+            m.ttft.observe(now - seq.arrival) if len(seq.output_ids) == 1 else m.itl.observe(now - seq.last_token_at)
+        if len(seq.output_ids) == 1:
+            seq.first_token_at = now
+        seq.last_token_at = now
+        p = seq.params
+        reason = None
+        can_stop = len(seq.output_ids) >= p.min_tokens
+        if tok == self.eos_token_id and not p.ignore_eos and can_stop:
+            reason = "stop"
+        elif seq.detok is not None and seq.detok.add(tok) and can_stop:
+            reason = "stop"  # a stop string
+        if reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        text = seq.detok.delta(final=reason is not None) if seq.detok is not None else ""
+        if reason is not None:
+            self._finish(seq, reason)
+        return StepOutput(seq, [tok], text, logprobs, reason)
 
-    def _prompt_logprobs(self, seqs: list[Sequence], prompt_logits: list) -> None:
-        for seq, logits in zip(seqs, prompt_logits):
-            if logits is not None:
-                seq.prompt_logprobs = prompt_logprobs(seq.prompt_ids, logits, seq.params.logprobs or 0)
+    def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of prompt tokens start+1 .. from a chunk's logits (row i predicts token start+i+1)."""
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]  # the first prompt token has no context
+        end = min(start + logits.shape[0], len(seq.prompt_ids) - 1)  # predictions of prompt tokens only
+        if end <= start:
+            return
+        ids = torch.tensor(seq.prompt_ids[start + 1 : end + 1], device=logits.device)
+        chosen, top_ids, top_lp = token_logprobs(logits[: end - start], ids, seq.params.logprobs or 0)
+        seq.prompt_logprobs += [(c, list(zip(ti, tl))) for c, ti, tl in zip(chosen.tolist(), top_ids.tolist(), top_lp.tolist())]
 
     # ---- synchronous use ----------------------------------------------------------------------
     def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None, loops: int | None = None,
                  n: int = 1) -> list[Completion]:
         """Runs prompts to completion in this thread (the engine thread must not be running)."""
-        if self._thread is not None:
+        if self.frontend.running:
             raise RuntimeError("generate() steps the engine itself; it cannot run while the engine thread does (use submit)")
         params = params or SamplingParams()
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -444,75 +474,29 @@ class Engine:
         return [Completion(s.prompt_ids, s.output_ids, "".join(texts[s.id]), s.finish_reason, s.loops,
                            logprobs[s.id] if params.logprobs is not None else None) for s in seqs]
 
-    # ---- the background thread ----------------------------------------------------------------
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
-
+    # ---- the serving thread (async_engine.AsyncEngine) ------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="mesh-engine", daemon=True)
-        self._thread.start()
+        self.frontend.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops the thread; sequences still queued or running end with finish_reason "abort"."""
-        with self._lock:
-            self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.frontend.stop(timeout)
 
-    def _loop(self) -> None:
-        try:
-            while not self._stopping:
-                if not self.has_work():
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                self._deliver(self.step())
-            self._deliver(self._abort_all())
-        except BaseException as e:  # the loop itself broke: report, fail everyone, let /health say 503
-            with self._lock:  # add_request checks `error` under the lock: nothing joins after the sweep below
-                self.error = e
-            log.exception("engine thread died")
-            self._deliver(self._abort_all(reason="error", error=f"engine stopped: {type(e).__name__}: {e}"))
+    def submit(self, prompts: list[list[int]], params: SamplingParams, loops: int | None = None, n: int = 1,
+               request_id: str | None = None):
+        return self.frontend.submit(prompts, params, loops, n, request_id)
 
-    @torch.inference_mode()
-    def _abort_all(self, reason: str = "abort", error: str | None = None) -> list[StepOutput]:
-        """Ends every queued and running sequence. Each gets its last output even when the bookkeeping
-        fails, since this also runs after the loop itself broke (a request must never wait forever)."""
+    @property
+    def alive(self) -> bool:
+        return self.frontend.alive
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.frontend.error
+
+    def all_sequences(self) -> list[Sequence]:
+        """Every sequence not finished: queued, waiting or running (for shutdown)."""
         with self._lock:
-            seqs = list(self._inbox)
+            inbox = list(self._inbox)
             self._inbox.clear()
         self._aborts.clear()
-        seqs += list(self.scheduler.waiting) + list(self.pool.rows)
-        outputs = []
-        for seq in seqs:
-            if seq.status is Status.FINISHED:
-                continue
-            try:
-                self._finish(seq, reason)
-            except Exception:
-                log.exception("could not free sequence %s cleanly", seq)
-                seq.status, seq.finish_reason = Status.FINISHED, reason
-            outputs.append(StepOutput(seq, [], "", None, reason, error=error))
-        return outputs
-
-    @staticmethod
-    def _deliver(outputs: list[StepOutput]) -> None:
-        """Hands outputs to their requests' event loops: one thread-safe call per loop per step."""
-        by_loop: dict = {}
-        for out in outputs:
-            if out.seq.sink is not None:
-                by_loop.setdefault(out.seq.sink.loop, []).append(out)
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
-                pass
-
-
-def _put_all(items: list[StepOutput]) -> None:
-    for out in items:
-        out.seq.sink.queue.put_nowait(out)
+        return inbox + list(self.scheduler.waiting) + list(self.scheduler.running)

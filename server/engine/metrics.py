@@ -58,9 +58,9 @@ class Metrics:
 
     def bind(self, engine) -> None:
         """Gauges read the engine when scraped: no per-step cost."""
-        self.running.set_function(lambda: len(engine.pool.rows))
+        self.running.set_function(lambda: len(engine.scheduler.running))
         self.waiting.set_function(lambda: engine.num_waiting)
-        self.kv_usage.set_function(lambda: engine.pool.usage)
+        self.kv_usage.set_function(lambda: engine.blocks.usage)
         self.max_waiting.set(engine.config.max_waiting)
         cfg = engine.model.config
         self.model.info({

@@ -1,4 +1,4 @@
-"""Request state: one `Sequence` per generated choice, and what a scheduler step reports for it."""
+"""Request state: one `Sequence` per generated choice, and what a step reports for it."""
 
 from __future__ import annotations
 
@@ -16,52 +16,72 @@ _ids = itertools.count()
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued, no KV memory yet
-    RUNNING = "running"  # admitted: a row of the KV pool (prefilled in the step that admitted it)
+    WAITING = "waiting"  # queued (new, or preempted and to be recomputed): no K/V blocks
+    RUNNING = "running"  # holds K/V blocks; prefilling in chunks, then decoding
     FINISHED = "finished"
 
 
 class Sequence:
-    """One prompt being continued at one depth. The engine thread owns it; outputs carry copies."""
+    """One prompt being continued at one depth. The engine thread owns it; outputs carry copies.
+
+    ``token_ids`` is prompt + generated tokens; ``num_computed`` of them have K/V in the pool, so the
+    next step computes ``token_ids[num_computed:]`` (a prompt chunk, a recompute after preemption, or the
+    one token sampled last). ``blocks[i]`` are the K/V blocks of tier i (model.tiers(config, loops)),
+    one per ``block_size`` tokens, and ``table`` their unit ids by paged slot: (slots, max blocks).
+    """
 
     __slots__ = (
-        "id", "request_id", "index", "prompt_ids", "params", "loops", "generator", "sink",
-        "output_ids", "num_cached", "row", "status", "finish_reason", "detok", "prompt_logprobs",
-        "arrival", "admitted_at", "first_token_at", "last_token_at",
+        "id", "request_id", "index", "prompt_ids", "token_ids", "params", "loops", "generator", "sink",
+        "output_ids", "num_computed", "status", "finish_reason", "detok", "prompt_logprobs", "leader",
+        "blocks", "block_hashes", "num_committed", "table", "num_preemptions", "arrival", "admitted_at", "first_token_at",
+        "last_token_at",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loops: int, *, request_id: str = "",
-                 index: int = 0, generator: torch.Generator | None = None, sink=None, detok: Detokenizer | None = None):
+                 index: int = 0, generator: torch.Generator | None = None, sink=None, detok: Detokenizer | None = None,
+                 leader: "Sequence | None" = None):
         self.id = next(_ids)
         self.request_id, self.index = request_id, index
         self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)
         self.params, self.loops, self.generator = params, loops, generator
         self.sink = sink  # where outputs go (a RequestHandle), or None for the synchronous API
         self.output_ids: list[int] = []
-        self.num_cached = 0  # tokens whose K/V are in the pool
-        self.row = -1  # position in the running batch (the pool keeps it)
+        self.num_computed = 0
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.detok = detok
-        self.prompt_logprobs = None  # [(logprob, [(id, logprob), ...]) or None] per prompt token, when asked
+        self.prompt_logprobs: list | None = None  # [None, (logprob, [(id, logprob), ...]), ...] when asked
+        self.leader = leader  # n > 1: choice 0, whose prompt blocks the other choices share
+        self.blocks: list[list] = []
+        self.block_hashes: list[int] = []  # chain hash of each full block of token_ids
+        self.num_committed = 0  # leading blocks offered to the prefix cache
+        self.table: torch.Tensor | None = None
+        self.num_preemptions = 0
         self.arrival = time.perf_counter()
         self.admitted_at = self.first_token_at = self.last_token_at = 0.0
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def max_len(self) -> int:
-        """Tokens this sequence may ever hold: what admission reserves KV memory for."""
+        """Tokens this sequence may ever hold."""
         return len(self.prompt_ids) + self.params.max_tokens
 
     @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked and not computed yet: every prompt position must run (no cache hits)."""
+        return self.params.prompt_logprobs and (self.prompt_logprobs is None or len(self.prompt_logprobs) < len(self.prompt_ids))
+
+    def append(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.output_ids.append(token)
 
     def __repr__(self) -> str:
-        return f"Sequence(id={self.id}, loops={self.loops}, row={self.row}, {self.status.value}, {self.num_tokens} tokens)"
+        return (f"Sequence(id={self.id}, loops={self.loops}, {self.status.value}, {self.num_computed}/{self.num_tokens} "
+                f"computed)")
 
 
 @dataclass(slots=True)

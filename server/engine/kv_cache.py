@@ -1,0 +1,103 @@
+"""The paged K/V pool: one tensor allocated at start, and the cache object the model attends through.
+
+    k_pool, v_pool: (num_units, block_size, n_heads, head_size)   one unit = one layer application's
+                                                                  K/V for block_size tokens
+
+It is the only K/V memory the engine holds, so its size is a hard cap. The model's attention calls
+``attend(q, k, v, cache_kwargs)`` for every layer application; before a forward the runner calls
+`begin_decode` (one token for each of n rows, rows sorted deepest first) or `begin_chunk` (T tokens of
+one sequence). Per paged slot (model.paged_slot), a row's unit ids come from its block table, so:
+
+- the new K/V go to ``unit * block_size + position % block_size`` (one index_copy_ per tensor);
+- the keys a row attends over are its units gathered in order, (n, blocks * block_size, nh, hs),
+  masked past the row's length. The gather is a copy per layer application (benchmarks report its
+  cost); a CUDA paged-attention kernel would read the blocks in place.
+
+Unused pool memory is zero, never uninitialised: a masked key still meets a zero attention weight, and
+0 * NaN would be NaN. Units of a row whose K/V may not be finite are zeroed when freed (`clear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model import MeshConfig, paged_slot
+
+
+class PagedKVCache:
+    def __init__(self, config: MeshConfig, num_units: int, block_size: int, dtype: torch.dtype, device):
+        self.block_size, self.num_units = block_size, num_units
+        nh, hs = config.num_attention_heads, config.head_size
+        self.kv = torch.zeros(2, num_units, block_size, nh, hs, dtype=dtype, device=device)
+        self.k_pool, self.v_pool = self.kv[0], self.kv[1]
+        self.k_flat = self.k_pool.view(num_units * block_size, nh, hs)  # row = unit * block_size + offset
+        self.v_flat = self.v_pool.view(num_units * block_size, nh, hs)
+        p, c, d, K = config.n_prelude, config.n_core, config.n_coda, config.max_loops
+        keys = [("prelude", j, 0) for j in range(p)] + [("coda", j, 0) for j in range(d)]
+        keys += [("core", j, t) for t in range(K) for j in range(c)]
+        self.slot = {key: paged_slot(config, *key) for key in keys}
+        self.decoding = True
+        self.tables = self.write_index = self.mask = None
+
+    @staticmethod
+    def unit_bytes(config: MeshConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * block_size * config.num_attention_heads * config.head_size * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def clear(self, units: list[int]) -> None:
+        if units:
+            self.kv[:, torch.tensor(units, device=self.kv.device)] = 0
+
+    # ---- per step -----------------------------------------------------------------------------
+    def begin_decode(self, tables: torch.Tensor, positions: torch.Tensor) -> None:
+        """tables (n, slots, blocks): the rows' unit ids; positions (n,): each new token's position."""
+        bs = self.block_size
+        n, slots, nb = tables.shape
+        blk = (positions // bs).view(n, 1, 1).expand(n, slots, 1)
+        self.write_index = tables.gather(2, blk).squeeze(2) * bs + (positions % bs).view(n, 1)  # (n, slots)
+        self.tables, self.decoding = tables, True
+        S = nb * bs
+        lengths = positions + 1
+        keys = torch.arange(S, device=positions.device)
+        self.mask = (keys[None, :] < lengths[:, None]).view(n, 1, 1, S)  # (n, 1, 1, S): True = attend
+
+    def begin_chunk(self, table: torch.Tensor, start: int, T: int) -> None:
+        """One sequence's tokens start .. start+T-1; table (slots, blocks) covers them."""
+        bs = self.block_size
+        pos = torch.arange(start, start + T, device=table.device)
+        nb = -(-(start + T) // bs)
+        self.tables = table[None, :, :nb]  # (1, slots, nb)
+        self.write_index = table[:, pos // bs] * bs + pos % bs  # (slots, T)
+        self.decoding, self.start, self.T = False, start, T
+        if start:
+            S = nb * bs
+            q_pos = pos[:, None]
+            keys = torch.arange(S, device=table.device)[None, :]
+            self.mask = (keys <= q_pos).view(1, 1, T, S)  # causal, over the cached past too
+        else:
+            self.mask = None
+
+    # ---- the model's hook ---------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kw: dict) -> torch.Tensor:
+        """q, k, v: (n, nh, T, hs) for the first n rows -> attention output (n, nh, T, hs)."""
+        slot = self.slot[(kw["stage"], kw["index"], kw["iteration"])]
+        n = kw["rows"]
+        if self.decoding:
+            idx = self.write_index[:n, slot]
+            self.k_flat.index_copy_(0, idx, k[:, :, 0])
+            self.v_flat.index_copy_(0, idx, v[:, :, 0])
+        else:
+            idx = self.write_index[slot]
+            self.k_flat.index_copy_(0, idx, k[0].transpose(0, 1))
+            self.v_flat.index_copy_(0, idx, v[0].transpose(0, 1))
+            if self.mask is None:  # a chunk at position 0 attends to itself only
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        units = self.tables[:n, slot]  # (n, nb)
+        keys = self.k_pool[units].flatten(1, 2).transpose(1, 2)  # (n, nb, bs, nh, hs) -> (n, nh, S, hs)
+        values = self.v_pool[units].flatten(1, 2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[:n])
