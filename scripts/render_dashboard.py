@@ -279,6 +279,96 @@ def _status_color(name: str, i: int) -> str:
     return _series_color(name, i)
 
 
+def _stat(frame, panel: dict, series: list) -> None:
+    if not series:
+        frame.text(0.5, 0.4, "No data", color="#8e8e8e", ha="center", va="center", fontsize=16, transform=frame.transAxes)
+    elif panel["options"].get("textMode") == "name":
+        frame.text(0.5, 0.38, "\n".join(name for _, (name, _, _) in series), color=TEXT, ha="center",
+                   va="center", fontsize=16, transform=frame.transAxes)
+    else:
+        value = series[0][1][2][-1]
+        frame.text(0.5, 0.38, f"{value:.0f}", color="#73bf69" if value >= 1 else "#f2495c", ha="center",
+                   va="center", fontsize=26, weight="bold", transform=frame.transAxes)
+
+
+def _bargauge(ax, series: list) -> None:
+    """format=heatmap: cumulative le buckets -> counts per bucket, as Grafana shows them."""
+    buckets = sorted((float(name), ys[-1]) for _, (name, _, ys) in series)
+    counts, prev = [], 0.0
+    for le, cum in buckets:
+        counts.append((le, max(cum - prev, 0.0)))
+        prev = cum
+    counts = [(le, c) for le, c in counts if not (math.isinf(le) and c < 0.5)]
+    labels = [("+Inf" if math.isinf(le) else f"loops {le:g}" if le == int(le) else f"le {le:g}") for le, _ in counts]
+    bars = ax.bar(labels, [c for _, c in counts], color=[PALETTE[i % len(PALETTE)] for i in range(len(counts))], width=0.6)
+    for b, (_, c) in zip(bars, counts):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{c:.0f}", ha="center", va="bottom", color=TEXT, fontsize=9)
+    ax.set_ylabel("requests", color=TEXT, fontsize=8)
+
+
+def _timeseries(ax, panel: dict, series: list, start: float, end: float) -> None:
+    defaults = panel["fieldConfig"]["defaults"]
+    stacked = defaults.get("custom", {}).get("stacking", {}).get("mode") == "normal"
+    color = _status_color if "status" in " ".join(t["expr"] for t in panel["targets"]) else _series_color
+    lines = [(name, [x - start for x in xs], ys) for _, (name, xs, ys) in series]
+    # No observations in a window -> NaN (histogram_quantile of nothing): a gap, as in Grafana.
+    lines = [(n, xs, [math.nan if math.isinf(y) else y for y in ys]) for n, xs, ys in lines]
+    if stacked and lines:
+        grid = sorted({x for _, xs, _ in lines for x in xs})
+        ys = [[dict(zip(xs, y)).get(x, 0.0) for x in grid] for _, xs, y in lines]
+        ys = [[0.0 if v != v else v for v in row] for row in ys]
+        ax.stackplot(grid, *ys, labels=[n for n, _, _ in lines], alpha=0.75,
+                     colors=[color(n, i) for i, (n, _, _) in enumerate(lines)])
+    else:
+        for i, (name, xs, ys) in enumerate(lines):
+            dashed = name == "max waiting"
+            ax.plot(xs, ys, label=name, color=color(name, i), linewidth=1.4, linestyle="--" if dashed else "-")
+    if defaults.get("custom", {}).get("thresholdsStyle", {}).get("mode") == "line":
+        for step in defaults.get("thresholds", {}).get("steps", [])[1:]:
+            ax.axhline(step["value"], color={"orange": "#ff780a", "red": "#f2495c"}.get(step["color"], TEXT),
+                       linestyle=":", linewidth=1)
+    if "max" in defaults:
+        ax.set_ylim(defaults.get("min", 0), defaults["max"] * 1.02)
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_xlim(0, end - start)
+    ax.set_xlabel("seconds into the run", color="#8e8e8e", fontsize=8, labelpad=1)
+    if not lines:
+        ax.text(0.5, 0.5, "No data", color="#8e8e8e", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(loc="upper left", fontsize=8, ncol=min(len(lines), 6), frameon=False, labelcolor=TEXT)
+
+
+def _panel(fig, panel: dict, series: list, box: tuple, span: tuple) -> None:
+    """One panel in the figure: its frame and title at `box` (left, bottom, width, height in figure
+    fractions), then its stat, bars or lines over `span` (start, end)."""
+    left, bottom, width, height = box
+    frame = fig.add_axes([left, bottom, width, height])
+    frame.set_facecolor(PANEL)
+    frame.set_xticks([]), frame.set_yticks([])
+    for s in frame.spines.values():
+        s.set_color(GRID)
+    unit = panel["fieldConfig"]["defaults"].get("unit", "short")
+    frame.text(0.01, 0.97, panel["title"] + UNIT_SUFFIX.get(unit, ""), color=TEXT, fontsize=10.5,
+               weight="bold", va="top", transform=frame.transAxes)
+    if panel["type"] == "stat":
+        return _stat(frame, panel, series)
+    wide = panel["type"] == "timeseries"
+    ax = fig.add_axes([left + (0.05 if wide else 0.04) * width, bottom + 0.16 * height,
+                       width * (0.94 if wide else 0.95), height * 0.66])
+    ax.set_facecolor(PANEL)
+    ax.tick_params(colors=TEXT, labelsize=8)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    ax.grid(color=GRID, linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.yaxis.set_major_formatter(_formatter(unit))
+    if panel["type"] == "bargauge":
+        _bargauge(ax, series)
+    else:
+        _timeseries(ax, panel, series, *span)
+
+
 def plot(dashboard: dict, results: dict, start: float, end: float, path: Path, subtitle: str) -> None:
     import matplotlib
 
@@ -287,94 +377,17 @@ def plot(dashboard: dict, results: dict, start: float, end: float, path: Path, s
 
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dashboard["panels"])
     width_in, row_in, top_in = 22.0, 0.36, 1.1
-    fig = plt.figure(figsize=(width_in, rows * row_in + top_in), facecolor=BG)
     height_in = rows * row_in + top_in
+    fig = plt.figure(figsize=(width_in, height_in), facecolor=BG)
     fig.text(0.01, 1 - 0.3 / height_in, dashboard["title"], color=TEXT, fontsize=17, weight="bold", va="center")
     fig.text(0.01, 1 - 0.75 / height_in, subtitle, color="#8e8e8e", fontsize=10, va="center", linespacing=1.5)
-
-    for panel in dashboard["panels"]:
+    pad_x, pad_y = 0.006, 0.12 / height_in
+    for panel in dashboard["panels"]:  # Grafana's grid: 24 columns, rows of row_in inches
         g = panel["gridPos"]
-        pad_x, pad_y = 0.006, 0.12 / height_in
-        left, width = g["x"] / 24 + pad_x, g["w"] / 24 - 2 * pad_x
-        bottom = 1 - (top_in + (g["y"] + g["h"]) * row_in) / height_in + pad_y
-        height = g["h"] * row_in / height_in - 2 * pad_y
-        frame = fig.add_axes([left, bottom, width, height])
-        frame.set_facecolor(PANEL)
-        frame.set_xticks([]), frame.set_yticks([])
-        for s in frame.spines.values():
-            s.set_color(GRID)
-        unit = panel["fieldConfig"]["defaults"].get("unit", "short")
-        frame.text(0.01, 0.97, panel["title"] + UNIT_SUFFIX.get(unit, ""), color=TEXT, fontsize=10.5,
-                   weight="bold", va="top", transform=frame.transAxes)
+        box = (g["x"] / 24 + pad_x, 1 - (top_in + (g["y"] + g["h"]) * row_in) / height_in + pad_y,
+               g["w"] / 24 - 2 * pad_x, g["h"] * row_in / height_in - 2 * pad_y)
         series = [(t, s) for t, ss in results.get(panel["id"], []) for s in ss]
-        inner = [left + 0.05 * width if panel["type"] == "timeseries" else left + 0.04 * width,
-                 bottom + 0.16 * height, width * (0.94 if panel["type"] == "timeseries" else 0.95), height * 0.66]
-
-        if panel["type"] == "stat":
-            if not series:
-                frame.text(0.5, 0.4, "No data", color="#8e8e8e", ha="center", va="center", fontsize=16, transform=frame.transAxes)
-            elif panel["options"].get("textMode") == "name":
-                frame.text(0.5, 0.38, "\n".join(name for _, (name, _, _) in series), color=TEXT, ha="center",
-                           va="center", fontsize=16, transform=frame.transAxes)
-            else:
-                value = series[0][1][2][-1]
-                frame.text(0.5, 0.38, f"{value:.0f}", color="#73bf69" if value >= 1 else "#f2495c", ha="center",
-                           va="center", fontsize=26, weight="bold", transform=frame.transAxes)
-            continue
-
-        ax = fig.add_axes(inner)
-        ax.set_facecolor(PANEL)
-        ax.tick_params(colors=TEXT, labelsize=8)
-        for s in ax.spines.values():
-            s.set_visible(False)
-        ax.grid(color=GRID, linewidth=0.6)
-        ax.set_axisbelow(True)
-        ax.yaxis.set_major_formatter(_formatter(unit))
-
-        if panel["type"] == "bargauge":
-            # format=heatmap: cumulative le buckets -> counts per bucket, as Grafana shows them.
-            buckets = sorted((float(name), ys[-1]) for _, (name, _, ys) in series)
-            counts, prev = [], 0.0
-            for le, cum in buckets:
-                counts.append((le, max(cum - prev, 0.0)))
-                prev = cum
-            counts = [(le, c) for le, c in counts if not (math.isinf(le) and c < 0.5)]
-            labels = [("+Inf" if math.isinf(le) else f"loops {le:g}" if le == int(le) else f"le {le:g}") for le, _ in counts]
-            bars = ax.bar(labels, [c for _, c in counts], color=[PALETTE[i % len(PALETTE)] for i in range(len(counts))], width=0.6)
-            for b, (_, c) in zip(bars, counts):
-                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{c:.0f}", ha="center", va="bottom", color=TEXT, fontsize=9)
-            ax.set_ylabel("requests", color=TEXT, fontsize=8)
-            continue
-
-        stacked = panel["fieldConfig"]["defaults"].get("custom", {}).get("stacking", {}).get("mode") == "normal"
-        color = _status_color if "status" in " ".join(t["expr"] for t in panel["targets"]) else _series_color
-        lines = [(name, [x - start for x in xs], ys) for _, (name, xs, ys) in series]
-        # No observations in a window -> NaN (histogram_quantile of nothing): a gap, as in Grafana.
-        lines = [(n, xs, [math.nan if math.isinf(y) else y for y in ys]) for n, xs, ys in lines]
-        if stacked and lines:
-            grid = sorted({x for _, xs, _ in lines for x in xs})
-            ys = [[dict(zip(xs, y)).get(x, 0.0) for x in grid] for _, xs, y in lines]
-            ys = [[0.0 if v != v else v for v in row] for row in ys]
-            ax.stackplot(grid, *ys, labels=[n for n, _, _ in lines], alpha=0.75,
-                         colors=[color(n, i) for i, (n, _, _) in enumerate(lines)])
-        else:
-            for i, (name, xs, ys) in enumerate(lines):
-                dashed = name == "max waiting"
-                ax.plot(xs, ys, label=name, color=color(name, i), linewidth=1.4, linestyle="--" if dashed else "-")
-        for step in panel["fieldConfig"]["defaults"].get("thresholds", {}).get("steps", [])[1:]:
-            if panel["fieldConfig"]["defaults"].get("custom", {}).get("thresholdsStyle", {}).get("mode") == "line":
-                ax.axhline(step["value"], color={"orange": "#ff780a", "red": "#f2495c"}.get(step["color"], TEXT),
-                           linestyle=":", linewidth=1)
-        if "max" in panel["fieldConfig"]["defaults"]:
-            ax.set_ylim(panel["fieldConfig"]["defaults"].get("min", 0), panel["fieldConfig"]["defaults"]["max"] * 1.02)
-        else:
-            ax.set_ylim(bottom=0)
-        ax.set_xlim(0, end - start)
-        ax.set_xlabel("seconds into the run", color="#8e8e8e", fontsize=8, labelpad=1)
-        if not lines:
-            ax.text(0.5, 0.5, "No data", color="#8e8e8e", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.legend(loc="upper left", fontsize=8, ncol=min(len(lines), 6), frameon=False, labelcolor=TEXT)
+        _panel(fig, panel, series, box, (start, end))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, facecolor=BG)
     plt.close(fig)
@@ -403,6 +416,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def pick_model(model: str | None, work: Path) -> tuple[Path, str]:
+    """The model to serve and how the subtitle names it: --model, else model/default, else a random tiny one."""
+    if model:
+        return Path(model), Path(model).name
+    if (DEFAULT_MODEL / "config.json").is_file():
+        return DEFAULT_MODEL, "default (model/default)"
+    from benchmarks.tiny import build_checkpoint  # no default model yet: a random tiny checkpoint
+
+    return build_checkpoint(work / "random-tiny"), "random tiny (benchmarks/tiny.py)"
+
+
+def start_prometheus(stack: ExitStack, binary: str, target: str, work: Path) -> "Prometheus":
+    """Prometheus on a free loopback port scraping `target`, stopped when `stack` closes; waits until ready."""
+    port = free_port()
+    config = prometheus_config(target, work)
+    proc = stack.enter_context(process(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"], work / "prometheus.log"))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/-/ready", 60, proc, work / "prometheus.log")
+    return Prometheus(url)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.model and not (Path(args.model) / "config.json").is_file():
@@ -416,27 +452,14 @@ def main(argv=None) -> int:
     dashboard = load_dashboard()
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="render-dashboard-")))
-        if args.model:
-            model, model_desc = Path(args.model), Path(args.model).name
-        elif (DEFAULT_MODEL / "config.json").is_file():
-            model, model_desc = DEFAULT_MODEL, "default (model/default)"
-        else:  # no default model yet: the tests' random tiny checkpoint (tokenizer included)
-            from benchmarks.tiny import build_checkpoint
-
-            model, model_desc = build_checkpoint(work / "random-tiny"), "random tiny (benchmarks/tiny.py)"
+        model, model_desc = pick_model(args.model, work)
         server_args = ["--model", str(model), "--host", "127.0.0.1", "--device", "cpu",
                        "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting)]
         if args.kv_cache_mb is not None:
             server_args += ["--kv-cache-mb", str(args.kv_cache_mb)]
         server = stack.enter_context(ServerProcess(server_args, work / "server.log", threads=0))
-        base, port, prom_port = server.url, server.port, free_port()
-        config = prometheus_config(f"127.0.0.1:{port}", work)
-        prom_proc = stack.enter_context(process(
-            [args.prometheus, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"], work / "prometheus.log"))
-        prom_url = f"http://127.0.0.1:{prom_port}"
-        wait_http(prom_url + "/-/ready", 60, prom_proc, work / "prometheus.log")
-        prom = Prometheus(prom_url)
+        base = server.url
+        prom = start_prometheus(stack, args.prometheus, f"127.0.0.1:{server.port}", work)
 
         (card,) = httpx.get(base + "/v1/models", timeout=10).json()["data"]
         load = Load(base, card["id"], int(card["max_loops"]), args.duration, args.peak_clients, args.seed)

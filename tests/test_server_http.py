@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.harness import ServerProcess
+from benchmarks.harness import ServerProcess, ServerStartError
 from benchmarks.loadgen import offer, send
 from model import MeshForCausalLM
 from server import __main__ as cli
@@ -184,6 +184,13 @@ def test_http_throughput_script(server, tmp_path):
 
 
 # ---- the CLI -------------------------------------------------------------------------------------
+def test_a_failed_start_reports_the_servers_log(tmp_path):
+    proc = ServerProcess(["--model", str(tmp_path / "missing")], tmp_path / "server.log")
+    with pytest.raises(ServerStartError, match=r"exited with status 2(.|\n)*python -m server: error: .*does not exist"):
+        proc.wait_ready(timeout=120)
+    assert proc.proc.poll() == 2
+
+
 def test_help_lists_every_flag_and_its_variable():
     out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
