@@ -224,3 +224,46 @@ def test_real_server_with_keys_never_logs_them(serve, ckpt, tmp_path):
     assert "API keys: 2 configured" in log and "POST /v1/completions" in log  # it did log the requests
     for secret in ("env-key-555555", "file-key-777777", guess):
         assert secret not in log
+
+
+FAULTY = """
+import sys
+import server.api.serving as serving
+real = serving.chat_prompt
+def chat_prompt(tokenizer, messages):  # a fault no request validation could catch
+    if messages[0].text() == "boom":
+        raise RuntimeError("injected fault")
+    return real(tokenizer, messages)
+serving.chat_prompt = chat_prompt
+from server.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_error_is_a_clean_500_and_the_connection_stays_usable(serve, ckpt):
+    """Starlette's own 500 re-raises, and uvicorn then drops the kept-alive connection; ours answers
+    in the OpenAI shape and the client's next request on the same connection works."""
+    import http.client
+
+    server = serve(["--model", str(ckpt)], code=FAULTY)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+
+    def chat(content: str):
+        body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read()), r.getheader("connection")
+
+    status, body, connection = chat("boom")
+    sock = conn.sock
+    assert status == 500 and body == {"error": {"message": "internal server error", "type": "internal_error",
+                                                "param": None, "code": None}}
+    assert connection != "close" and sock is not None
+    status, body, _ = chat("hello")
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    assert conn.sock is sock, "the same connection served the next request"
+    conn.close()
+    metrics = server.metrics()
+    assert metrics[("mesh_requests_total", (("finish_reason", ""), ("status", "500")))] == 1
+    log = server.log()
+    assert "injected fault" in log and "Exception in ASGI application" not in log

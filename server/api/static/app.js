@@ -20,7 +20,7 @@ async function loadModel() {
   try {
     const r = await fetch("/v1/models", { headers: headers() });
     if (r.status === 401) {
-      setStatus("This server needs an API key: type it in the key field.");
+      setStatus("This server needs an API key (missing or wrong): type it in the key field.");
       return;
     }
     const card = (await r.json()).data[0];
