@@ -43,6 +43,14 @@ async def read_stream(client: httpx.AsyncClient, body: dict, started: asyncio.Ev
     return {"chunks": chunks, "times": times, "done": done, "ended": time.perf_counter()}
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: (status, body)."""
+    status = int((await reader.readline()).split()[1])
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+    length = int(head.split("content-length:")[1].split("\r\n")[0])
+    return status, await reader.readexactly(length)
+
+
 class HalfSent:
     """A kept-alive connection (one GET /health answered on it) on which a POST's headers and half its
     body are sent now and the rest later: the request is in uvicorn's hands before SIGTERM but reaches
@@ -55,10 +63,7 @@ class HalfSent:
     async def start(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, int(self.port))
         self.writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
-        assert (await self.reader.readline()).startswith(b"HTTP/1.1 200")
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")).split(b":")[1])
-        await self.reader.readexactly(length)
+        assert (await read_response(self.reader))[0] == 200
         self.writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                           f"Content-Length: {len(self.payload)}\r\n\r\n".encode() + self.payload[:5])
         await self.writer.drain()
@@ -67,12 +72,9 @@ class HalfSent:
         """Sends the rest of the body; returns the status and the JSON body of the answer."""
         self.writer.write(self.payload[5:])
         await self.writer.drain()
-        status = int((await self.reader.readline()).split()[1])
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")).split(b":")[1])
-        body = json.loads(await self.reader.readexactly(length))
+        status, body = await read_response(self.reader)
         self.writer.close()
-        return status, body
+        return status, json.loads(body)
 
 
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(serve, ckpt):
