@@ -21,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,8 +103,6 @@ class ServerProcess:
 
     def metrics(self, headers: dict | None = None) -> dict:
         """{(name, sorted label items): value} from /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
-
         req = urllib.request.Request(self.url + "/metrics", headers=headers or {})
         with urllib.request.urlopen(req, timeout=10) as r:
             text = r.read().decode()
