@@ -190,6 +190,14 @@ def test_chunked_prefill_keeps_running_streams_going(ckpt):
     run_all(eng)
     assert same_greedy(long.output_ids, reference_greedy(eng.model, long_ids, 3, GREEDY.max_tokens))
     assert same_greedy(stream.output_ids, reference_greedy(eng.model, stream.prompt_ids, 2, 40))
+    # A 2-token budget beside one stream: the prompt comes one token a step, and a one-token piece of a
+    # prompt computes K/V without sampling anything.
+    eng = Engine(EngineConfig(model=ckpt, max_num_batched_tokens=2, max_batch_size=2), metrics=False)
+    (stream,) = eng.add_request([eng.encode(PROMPTS[0])], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), loops=1)
+    eng.step()
+    (slow,) = eng.add_request([eng.encode(PROMPTS[3])], GREEDY, loops=4)
+    run_all(eng)
+    assert same_greedy(slow.output_ids, reference_greedy(eng.model, slow.prompt_ids, 4, GREEDY.max_tokens))
 
 
 def test_prefix_cache_hits_give_the_same_output(ckpt):

@@ -140,6 +140,16 @@ class BlockManager:
         seq.blocks, seq.block_hashes, seq.table = [], [], None
         seq.num_computed = seq.num_committed = 0
 
+    def trim(self, seq, num_tokens: int) -> None:
+        """Releases the blocks past the first `num_tokens` tokens (rejected draft positions)."""
+        keep = -(-num_tokens // self.block_size)
+        for tier in seq.blocks:
+            for block in tier[keep:]:
+                block.ref -= 1
+                if block.ref == 0:  # never hashed: they hold no full block of verified tokens
+                    self.free_units.extend(block.units)
+            del tier[keep:]
+
     def units_of(self, seq) -> list[int]:
         return [u for tier in seq.blocks for block in tier for u in block.units]
 

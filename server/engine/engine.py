@@ -75,6 +75,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + max_tokens; default the model's max_position_embeddings
     max_num_batched_tokens: int = 256  # tokens one step carries: decode rows plus prompt chunks
     enable_prefix_caching: bool = True
+    speculative_loops: int = 0  # d > 0: greedy rows deeper than d draft at depth d and verify at their own
+    num_speculative_tokens: int = 3  # g: drafts per speculation round
     served_model_name: str | None = None  # the `model` name clients use; default the directory name
 
     def __post_init__(self):
@@ -90,6 +92,11 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_batch_size:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch_size "
                              f"({self.max_batch_size}): every running row needs one token a step")
+        if isinstance(self.speculative_loops, bool) or not isinstance(self.speculative_loops, int) or self.speculative_loops < 0:
+            raise ValueError(f"speculative_loops must be an integer >= 0 (0 = off), got {self.speculative_loops!r}")
+        if isinstance(self.num_speculative_tokens, bool) or not isinstance(self.num_speculative_tokens, int) \
+                or self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_speculative_tokens!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
 
@@ -146,10 +153,15 @@ class Engine:
         self.blocks = BlockManager(cfg, num_units, config.block_size, self.max_model_len,
                                    config.enable_prefix_caching, clear=self.kv.clear)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_batch_size)
-        self.runner = ModelRunner(self.model, self.kv)
+        if config.speculative_loops >= cfg.max_loops:
+            raise ValueError(f"speculative_loops {config.speculative_loops} must be below the model's max_loops "
+                             f"{cfg.max_loops}: drafts run shallower than the rows they serve")
+        self.runner = ModelRunner(self.model, self.kv, config.speculative_loops)
         self.sampler = Sampler(self.vocab_size, self.device)
         self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
         self.scheduler.on_admit, self.scheduler.on_preempt = self._on_admit, self._on_preempt
+        if config.speculative_loops:
+            self.scheduler.plan = self._plan_round
         if self.metrics is not None:
             self.metrics.bind(self)
 
@@ -308,18 +320,70 @@ class Engine:
                     outputs.append(self._fail(row[0], e))
             result = RunOutput.merge(parts)
         for seq, n in ran:
-            seq.num_computed += n
-            self.blocks.commit(seq)
+            if not seq.spec_tokens:  # drafts and verify passes advance in _postprocess, by what is accepted
+                seq.num_computed += n
+                self.blocks.commit(seq)
         return result
 
     def _postprocess(self, result: RunOutput) -> list[StepOutput]:
         for seq, (start, logits) in result.prompt_logits.items():
             self._prompt_logprobs(seq, start, logits)
+        outputs: list[StepOutput] = []
+        for seq, logits in result.verify.items():
+            outputs += self._verify(seq, logits)
         if not result.seqs:
-            return []
-        seqs, logits, outputs = self._drop_non_finite(result.seqs, result.logits)
+            return outputs
+        seqs, logits, failed = self._drop_non_finite(result.seqs, result.logits)
+        outputs += failed
+        drafts = [i for i, s in enumerate(seqs) if s.spec_tokens]
+        if drafts:
+            self._record_drafts([seqs[i] for i in drafts], logits[drafts])
+            keep = [i for i in range(len(seqs)) if not seqs[i].spec_tokens]
+            seqs, logits = [seqs[i] for i in keep], logits[keep]
         if seqs:
             outputs += self._sample_and_emit(seqs, logits)
+        return outputs
+
+    # ---- self-speculation: draft at depth d, verify at depth K ------------------------------------
+    def _plan_round(self, seq: Sequence) -> None:
+        """Starts a speculation round for a decoding greedy row deeper than the draft depth. Whether a row
+        drafts depends only on its own request, never on the batch."""
+        d, left = self.config.speculative_loops, seq.params.max_tokens - len(seq.output_ids)
+        if seq.spec_tokens or seq.loops <= d or not seq.params.greedy or left < 2:
+            return
+        seq.spec_tokens = min(self.config.num_speculative_tokens, left)
+
+    def _record_drafts(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """A draft token per row: the depth-d argmax (drafts only need to be likely; verify decides)."""
+        for seq, tok in zip(seqs, logits.argmax(dim=-1).tolist()):
+            seq.draft_ids.append(tok)
+            seq.loop_steps += self.config.speculative_loops
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[StepOutput]:
+        """Accepts the longest prefix of drafts that depth-K decoding would have produced: position i's
+        depth-K choice (the sampler, with the history so far) is emitted; a choice that differs from draft
+        i is the correction and ends the round. Stops and max_tokens cut where plain decoding would."""
+        g, d = seq.spec_tokens, self.config.speculative_loops
+        seq.loop_steps += (seq.loops - d) * g
+        seq.num_drafted += g
+        outputs, accepted, now = [], 0, time.perf_counter()
+        for i in range(g):
+            (tok,), lp = self.sampler([seq], logits[i : i + 1])
+            seq.num_computed += 1  # input i is a real token (the last one emitted): its K/V are final
+            out = self._emit(seq, tok, lp.get(0), now)
+            outputs.append(out)
+            if tok != seq.draft_ids[i] or out.finished:
+                break
+            accepted += 1
+        seq.num_accepted += accepted
+        if self.metrics is not None:
+            self.metrics.count_speculation(g, accepted)
+            self.metrics.count_generated(seq.loops, len(outputs))
+            self.metrics.observe_token_loops(d + (seq.loops - d) * g / len(outputs), len(outputs))
+        if seq.status is not Status.FINISHED:
+            seq.end_round()
+            self.blocks.commit(seq)
+            self.blocks.trim(seq, seq.num_computed + 1)  # blocks of rejected positions go back
         return outputs
 
     def _drain(self) -> list[StepOutput]:
@@ -408,6 +472,7 @@ class Engine:
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             try:
                 outputs.append(self._emit(seq, tok, lp_rows.get(i), now))
+                seq.loop_steps += seq.loops
                 per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
             except Exception as e:  # e.g. this row's detokenizer: only this row fails
                 if seq.status is not Status.FINISHED:
@@ -415,6 +480,7 @@ class Engine:
         if self.metrics is not None:
             for k, c in per_loops.items():
                 self.metrics.count_generated(k, c)
+                self.metrics.observe_token_loops(k, c)
         return outputs
 
     def _emit(self, seq: Sequence, tok: int, logprobs, now: float) -> StepOutput:

@@ -14,6 +14,9 @@
     mesh_num_preemptions_total                  running sequences preempted (blocks freed, recomputed later)
     mesh_prefix_cache_queries_total             prompt tokens looked up in the prefix cache
     mesh_prefix_cache_hits_total                of those, tokens whose K/V were found cached
+    mesh_spec_decode_num_draft_tokens_total     tokens drafted at the speculative depth
+    mesh_spec_decode_num_accepted_tokens_total  of those, accepted by the verify pass
+    mesh_token_loops                            core iterations per generated token (drafts included)
     mesh_model_info{layout,scheme,max_loops,...} the model being served (prometheus-client's Info: value 1)
 
 Each `Metrics` has its own registry, so several apps (tests) can live in one process.
@@ -52,6 +55,11 @@ class Metrics:
         self.preemptions = Counter("mesh_num_preemptions", "Running sequences preempted for lack of K/V blocks", registry=r)
         self.prefix_queries = Counter("mesh_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter("mesh_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self.spec_drafts = Counter("mesh_spec_decode_num_draft_tokens", "Tokens drafted at the speculative depth", registry=r)
+        self.spec_accepted = Counter("mesh_spec_decode_num_accepted_tokens", "Drafted tokens accepted by verification",
+                                     registry=r)
+        self.token_loops = Histogram("mesh_token_loops", "Core iterations computed per generated token (drafts included)",
+                                     buckets=tuple(float(k) for k in range(1, max_loops + 1)) + (2.0 * max_loops,), registry=r)
         self.max_waiting = Gauge("mesh_max_waiting", "Bound of the waiting queue (429 past it)", registry=r)
         self.model = Info("mesh_model", "The model being served", registry=r)
         self._gen = {k: self.generation_tokens.labels(loops=str(k)) for k in range(1, max_loops + 1)}
@@ -71,6 +79,15 @@ class Metrics:
 
     def count_generated(self, loops: int, n: int) -> None:
         self._gen[loops].inc(n)
+
+    def count_speculation(self, drafted: int, accepted: int) -> None:
+        self.spec_drafts.inc(drafted)
+        self.spec_accepted.inc(accepted)
+
+    def observe_token_loops(self, loops: float, n: int) -> None:
+        """n generated tokens that cost `loops` core iterations each."""
+        for _ in range(n):
+            self.token_loops.observe(loops)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

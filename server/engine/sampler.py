@@ -4,13 +4,15 @@ Before the draw, a row's logits are adjusted as vLLM does, in this order: ``logi
 (the end-of-text token is masked while fewer tokens were generated), then the repetition, frequency
 and presence penalties. Logprobs are reported from the model's raw distribution (vLLM's default).
 
-Every sampled row draws its noise from its own ``torch.Generator`` (seeded by the request), in
-vocabulary order, whatever the other rows are: the same seed and parameters give the same tokens
-whether the request runs alone or inside a busy batch. Greedy rows (temperature 0) take the argmax.
-
 The draw is the exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)`` i.i.d. per token picks token
-i with probability ``p_i`` (it is Gumbel-max in another form), and it needs one vector of noise per
-row, which the row's own generator fills.
+i with probability ``p_i`` (Gumbel-max in another form). It is vectorized across rows and stays
+batch-invariant: each sampled row takes one fresh 32-bit key per step from its own ``torch.Generator``
+(seeded by the request), and a token's noise is a hash of (that key, the token's id), computed for
+all rows at once. So the same seed and parameters give the same tokens alone or in any batch, and the
+noise of a token depends on nothing else in the batch. Greedy rows take the argmax.
+
+top-k and top-p sort no row's vocabulary: top-k compares with the k-th value (``topk``), top-p bins
+tokens by log-probability and ranks only the bin where the nucleus ends (`nucleus`).
 """
 
 from __future__ import annotations
@@ -98,9 +100,9 @@ class SamplingParams:
 class BatchSampling:
     """The sampling parameters of a batch's rows as tensors, built once per batch composition."""
 
-    temperature: torch.Tensor  # (B,) float; rows with 0 are greedy
-    top_k: torch.Tensor | None  # (B,) long, V where off; None when no row filters
-    top_p: torch.Tensor | None  # (B,) float, 1 where off; None when no row filters
+    temperature: torch.Tensor  # (S,) float: the sampled rows'
+    top_k: torch.Tensor | None  # (S,) long, V where off; None when no sampled row filters
+    top_p: torch.Tensor | None  # (S,) float, 1 where off; None when no sampled row filters
     sampled: torch.Tensor | None  # (S,) long: indices of the non-greedy rows; None when all are greedy
     generators: list = field(default_factory=list)  # one per sampled row, in `sampled` order
     bias: tuple | None = None  # (rows, token ids, values) of every row's logit_bias; None when no row has one
@@ -111,20 +113,19 @@ class BatchSampling:
     def build(cls, params: list[SamplingParams], generators: list, vocab: int, device,
               prompts: list | None = None) -> "BatchSampling":
         """``prompts``: each row's prompt ids (the repetition penalty counts them); needed only when a row has it."""
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         adjust = dict(bias=_bias(params, device), min_rows=[i for i, p in enumerate(params) if p.min_tokens and not p.ignore_eos],
                       penalties=Penalties.build(params, prompts, vocab, device))
+        rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return cls(temperature, None, None, None, [], **adjust)
+            return cls(torch.ones(0, device=device), None, None, None, [], **adjust)
+        sampled = [params[i] for i in rows]
         top_k = top_p = None
-        if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        pick = torch.tensor(rows, device=device)
-        sub = (lambda t: None if t is None else t[pick])
-        return cls(temperature[pick], sub(top_k), sub(top_p), pick, [generators[i] for i in rows], **adjust)
+        if any(0 < p.top_k < vocab for p in sampled):
+            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in sampled], device=device)
+        if any(p.top_p < 1.0 for p in sampled):
+            top_p = torch.tensor([p.top_p for p in sampled], dtype=torch.float32, device=device)
+        temperature = torch.tensor([p.temperature for p in sampled], dtype=torch.float32, device=device)
+        return cls(temperature, top_k, top_p, torch.tensor(rows, device=device), [generators[i] for i in rows], **adjust)
 
 
 def _bias(params: list[SamplingParams], device) -> tuple | None:
@@ -149,14 +150,17 @@ def token_counts(id_lists: list[list[int]], vocab: int, device) -> torch.Tensor:
 
 @dataclass
 class Penalties:
-    """The penalized rows of a batch: which they are, their three penalties, and (for the repetition
-    penalty) which tokens their prompts hold."""
+    """The penalized rows of a batch: which they are, their three penalties, (for the repetition
+    penalty) which tokens their prompts hold, and how often each row generated each token, counted
+    incrementally: a step adds only the tokens that arrived since the last one."""
 
     rows: list[int]
     presence: torch.Tensor  # (R, 1)
     frequency: torch.Tensor  # (R, 1)
     repetition: torch.Tensor  # (R, 1)
     prompt_seen: torch.Tensor | None  # (R, V) bool; None when no row has a repetition penalty
+    counts: torch.Tensor | None = None  # (R, V) float: output tokens counted so far
+    counted: list = field(default_factory=list)  # per row, how many of its output tokens `counts` holds
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompts: list | None, vocab: int, device) -> "Penalties | None":
@@ -171,9 +175,19 @@ class Penalties:
             seen = token_counts([prompts[i] for i in rows], vocab, device) > 0
         return cls(rows, col("presence_penalty"), col("frequency_penalty"), col("repetition_penalty"), seen)
 
+    def update(self, outputs: list[list[int]], vocab: int, device) -> torch.Tensor:
+        """The counts (R, V) after adding each row's output tokens not counted yet."""
+        if self.counts is None:
+            self.counts, self.counted = torch.zeros(len(outputs), vocab, device=device), [0] * len(outputs)
+        new = [out[n:] for out, n in zip(outputs, self.counted)]
+        if any(new):
+            self.counts += token_counts(new, vocab, device)
+            self.counted = [len(out) for out in outputs]
+        return self.counts
+
     def apply(self, logits: torch.Tensor, outputs: list[list[int]]) -> torch.Tensor:
         """Penalized logits (R, V) of these rows, given their logits (R, V) and each row's output ids so far."""
-        counts = token_counts(outputs, logits.shape[-1], logits.device)
+        counts = self.update(outputs, logits.shape[-1], logits.device)
         generated = counts > 0
         seen = generated if self.prompt_seen is None else generated | self.prompt_seen
         rep = self.repetition
@@ -199,29 +213,66 @@ def adjust_logits(logits: torch.Tensor, batch: BatchSampling, outputs: list[list
     return logits
 
 
+BINS, BIN_NATS = 256, 1 / 16  # the top-p histogram: bins of 1/16 nat of log-probability below each row's max
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Masks (to -inf) the tokens outside each row's top k and nucleus p. (B, V) -> (B, V)."""
-    if top_k is None and top_p is None:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    """Masks (to -inf) the tokens outside each row's top k, then outside the nucleus p of what is left
+    (a token goes when the tokens likelier than it already hold p; ties stay together). (B, V) -> (B, V).
+    No row's vocabulary is sorted: top-k takes the k-th value from ``topk``, top-p uses a histogram."""
     if top_k is not None:
-        rank = torch.arange(logits.shape[-1], device=logits.device)
-        drop |= rank[None, :] >= top_k[:, None]
-    if top_p is not None:
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        # Drop a token when the tokens strictly before it already reach p; the first always stays.
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
-    drop = drop.scatter(1, order, drop)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+        active = top_k < logits.shape[-1]
+        if bool(active.any()):
+            vals = logits.topk(int(top_k[active].max()), dim=-1).values  # (B, k_max), likeliest first
+            kth = vals.gather(1, (top_k.clamp(max=vals.shape[-1]) - 1)[:, None])
+            logits = logits.masked_fill((logits < kth) & active[:, None], float("-inf"))
+    if top_p is not None:  # rows at 1 keep everything (a float cumsum may reach 1 before the last token)
+        logits = logits.masked_fill(~nucleus(logits, top_p) & (top_p < 1.0)[:, None], float("-inf"))
+    return logits
+
+
+def nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """(B, V) bool: the tokens of each row's nucleus. Tokens are binned by log-probability below the
+    row's max; a bin whose cumulative mass (likeliest bins first) stays under p is kept whole, a bin
+    the tokens before which already reach p goes whole, and only the one boundary bin is ranked."""
+    logp = logits.float().log_softmax(dim=-1)
+    probs = logp.exp()
+    bins = ((logp.max(dim=-1, keepdim=True).values - logp) / BIN_NATS).clamp_(max=BINS - 1).long()  # -inf -> last
+    mass = torch.zeros(len(logits), BINS, device=logits.device).scatter_add_(1, bins, probs)
+    cum = mass.cumsum(dim=-1)
+    edge = (cum < top_p[:, None]).sum(dim=-1, keepdim=True)  # (B, 1) the first bin reaching p (BINS: none does)
+    before = (cum - mass).gather(1, edge.clamp(max=BINS - 1))  # mass of the bins likelier than the edge
+    in_edge = bins == edge
+    ranked = probs.masked_fill(~in_edge, -1.0).topk(max(1, int(in_edge.sum(dim=-1).max())), dim=-1).values
+    likelier = ranked.cumsum(dim=-1) - ranked  # within the edge bin, the mass before each of its tokens
+    stays = (before + likelier < top_p[:, None]) & (ranked >= 0)
+    floor = ranked.masked_fill(~stays, float("inf")).min(dim=-1, keepdim=True).values  # the least likely that stays
+    return (bins < edge) | (in_edge & (probs >= floor))
+
+
+def row_keys(generators: list, device) -> torch.Tensor:
+    """(S, 1) int32: one fresh key per row, each from the row's own generator (its only use this step)."""
+    keys = [torch.randint(-(2**31), 2**31 - 1, (1,), dtype=torch.int32, generator=g, device=g.device) for g in generators]
+    return torch.cat(keys).to(device)[:, None]
+
+
+def race_noise(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise (S, C) for token ids (S, C) or (1, C) under row keys (S, 1): murmur3's 32-bit finalizer
+    of (id * golden ratio) ^ key, its top 24 bits as a uniform in (0, 1), then -log. int32 products wrap."""
+    z = (ids * -1640531535) ^ keys  # 0x9E3779B1
+    z = z ^ ((z >> 16) & 0xFFFF)  # (masks make the arithmetic shifts logical)
+    z = z * -2048144789  # 0x85EBCA6B
+    z = z ^ ((z >> 13) & 0x7FFFF)
+    z = z * -1028477387  # 0xC2B2AE35
+    z = z ^ ((z >> 16) & 0xFFFF)
+    u = ((z >> 8) & 0xFFFFFF).float().add_(0.5).mul_(1.0 / (1 << 24))
+    return u.log_().neg_()
 
 
 def exponential_race(probs: torch.Tensor, generators: list) -> torch.Tensor:
-    """One draw per row from ``probs`` (B, V), row i using ``generators[i]``. Returns (B,) long."""
-    noise = torch.empty_like(probs)
-    for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)  # in vocabulary order: independent of the other rows
-    return (probs / noise).argmax(dim=-1)
+    """One draw per row from ``probs`` (S, V), row i keyed by ``generators[i]``. Returns (S,) long."""
+    ids = torch.arange(probs.shape[-1], dtype=torch.int32, device=probs.device)[None]
+    return race_noise(row_keys(generators, probs.device), ids).reciprocal_().mul_(probs).argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, batch: BatchSampling) -> torch.Tensor:

@@ -32,6 +32,7 @@ class Scheduler:
         self.on_admit = None  # called with (sequence, prompt tokens looked up, tokens hit) on first admission
         self.failed: list[tuple[Sequence, Exception]] = []  # allocation faults of the last schedule(): to end
         self.preempted = False  # whether the last schedule() preempted
+        self.plan = None  # called with each decoding sequence before a step: may start a speculation round
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -47,20 +48,35 @@ class Scheduler:
         rows: list[tuple[Sequence, int]] = []
         taken: set[int] = set()  # ids of the sequences in this step
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        if self.plan is not None:
+            for seq in decoding:
+                self.plan(seq)
         self.preempted = False
         for seq in decoding + [s for s in self.running if s.num_tokens - s.num_computed > 1]:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if self._fit(seq, n, taken):
-                rows.append((seq, n))
+            alloc, cost = self._work(seq, budget)
+            if cost <= budget and self._fit(seq, alloc, taken):
+                rows.append((seq, cost))
                 taken.add(seq.id)
-                budget -= n
+                budget -= cost
         if not self.preempted:  # memory is short: admitting now would only preempt again
             self._admit(rows, budget)
         return rows
+
+    @staticmethod
+    def _work(seq: Sequence, budget: int) -> tuple[int, int]:
+        """(tokens past num_computed to hold blocks for, tokens this step computes) for a running sequence:
+        a prompt chunk, one decode token, one draft token after the drafts so far, or a verify pass over
+        the round's drafts."""
+        if seq.spec_tokens:
+            if seq.verifying:
+                return seq.spec_tokens, seq.spec_tokens
+            return len(seq.draft_ids) + 1, 1
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        return n, n
 
     def _fit(self, seq: Sequence, n: int, taken: set[int]) -> bool:
         """Allocates n more tokens for a running sequence, preempting the newest sequences not yet in this
@@ -127,6 +143,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
+        seq.end_round()  # its drafts are dropped: recomputing restarts from the verified tokens
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

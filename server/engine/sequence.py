@@ -34,7 +34,7 @@ class Sequence:
         "id", "request_id", "index", "prompt_ids", "token_ids", "params", "loops", "generator", "sink",
         "output_ids", "num_computed", "status", "finish_reason", "detok", "prompt_logprobs", "leader",
         "blocks", "block_hashes", "num_committed", "table", "num_preemptions", "arrival", "admitted_at", "first_token_at",
-        "last_token_at",
+        "last_token_at", "spec_tokens", "draft_ids", "draft_states", "loop_steps", "num_drafted", "num_accepted",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loops: int, *, request_id: str = "",
@@ -58,6 +58,13 @@ class Sequence:
         self.num_committed = 0  # leading blocks offered to the prefix cache
         self.table: torch.Tensor | None = None
         self.num_preemptions = 0
+        # Self-speculation (engine.py): this round drafts `spec_tokens` tokens at a shallower depth; the
+        # drafts and each draft input's recurrence state after the draft depth wait here for the verify pass.
+        self.spec_tokens = 0
+        self.draft_ids: list[int] = []
+        self.draft_states: list[dict] = []
+        self.loop_steps = 0  # core iterations computed for generated tokens, rejected drafts included
+        self.num_drafted = self.num_accepted = 0
         self.arrival = time.perf_counter()
         self.admitted_at = self.first_token_at = self.last_token_at = 0.0
 
@@ -74,6 +81,21 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt logprobs asked and not computed yet: every prompt position must run (no cache hits)."""
         return self.params.prompt_logprobs and (self.prompt_logprobs is None or len(self.prompt_logprobs) < len(self.prompt_ids))
+
+    @property
+    def verifying(self) -> bool:
+        """The drafts of this round are all in: the next step verifies them."""
+        return self.spec_tokens > 0 and len(self.draft_ids) == self.spec_tokens
+
+    def next_input(self) -> tuple[int, int]:
+        """(token, position) of a one-token step: the last verified token, or the last draft."""
+        if self.draft_ids:
+            return self.draft_ids[-1], self.num_computed + len(self.draft_ids)
+        return self.token_ids[self.num_computed], self.num_computed
+
+    def end_round(self) -> None:
+        self.spec_tokens = 0
+        self.draft_ids, self.draft_states = [], []
 
     def append(self, token: int) -> None:
         self.token_ids.append(token)
