@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from server.engine.detokenizer import Detokenizer
-from server.engine.sampler import Sampler, SamplingParams
+from server.engine.sampler import Sampler, SamplingParams, apply_top_k_top_p
 
 V, EOS = 50, 0
 _ids = itertools.count()
@@ -133,3 +133,28 @@ def test_detokenizer_matches_stop_strings_only_from_min_tokens_on():
     late = Detokenizer(decode, [0], stop=("bc",), min_tokens=3)
     assert [late.add(t) for t in (1, 2, 3, 1, 2)] == [False, False, False, False, True]
     assert late.text == "bcd", "the early 'bc' stayed; the one completed after min_tokens ended the text"
+
+
+def sorted_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The textbook filter, by a full sort of each row (the reference for the sort-free one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    drop = torch.arange(logits.shape[-1])[None, :] >= top_k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    drop |= ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1.0)[:, None]  # 1: off
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 10.0])  # from flat to peaked distributions
+def test_sort_free_top_k_top_p_keeps_what_a_sort_keeps(scale):
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    vocab = 2048
+    logits = torch.randn(64, vocab, generator=gen) * scale
+    top_k = torch.tensor([vocab if i % 3 else int(torch.randint(1, 300, (1,), generator=gen)) for i in range(64)])
+    top_p = torch.rand(64, generator=gen).clamp(min=0.05)
+    top_p[::5] = 1.0  # some rows filter by top-k only
+    top_p[1::7] = 0.999
+    got = apply_top_k_top_p(logits, top_k, top_p)
+    want = sorted_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    kept = torch.isfinite(got).sum(dim=-1)
+    assert kept.min() >= 1 and kept.max() > 100, "both narrow and wide nuclei were exercised"
