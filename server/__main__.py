@@ -36,6 +36,10 @@ FLAGS = [
                                             "their pace); must be >= --max-batch-size"),
     ("--enable-prefix-caching", int, 1, "1: reuse the K/V of full blocks of earlier prompts (prelude and core "
                                         "iterations across depths, the coda at the same depth); 0: off"),
+    ("--speculative-loops", int, 0, "self-speculation: greedy requests deeper than this draft tokens at this "
+                                    "depth and verify them at their own in one pass that resumes the drafts' "
+                                    "recurrence (identical tokens, fewer full-depth steps); 0 = off"),
+    ("--num-speculative-tokens", int, 3, "tokens drafted per speculation round (with --speculative-loops)"),
     ("--served-model-name", str, None, "the model name clients send; default the model directory's name"),
     ("--threads", int, 0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores). On a "
                           "busy or small machine 1 is often fastest: decode steps are many small operations"),
@@ -142,6 +146,7 @@ def main(argv=None) -> int:
             kv_cache_mb=args.kv_cache_mb, gpu_memory_utilization=args.gpu_memory_utilization,
             block_size=args.block_size, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=bool(args.enable_prefix_caching),
+            speculative_loops=args.speculative_loops, num_speculative_tokens=args.num_speculative_tokens,
             served_model_name=args.served_model_name,
         )
         engine = Engine(config)

@@ -157,7 +157,7 @@ class Engine:
             raise ValueError(f"speculative_loops {config.speculative_loops} must be below the model's max_loops "
                              f"{cfg.max_loops}: drafts run shallower than the rows they serve")
         self.runner = ModelRunner(self.model, self.kv, config.speculative_loops)
-        self.sampler = Sampler(self.vocab_size, self.device)
+        self.sampler = Sampler(self.vocab_size, self.device, self.eos_token_id)
         self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
         self.scheduler.on_admit, self.scheduler.on_preempt = self._on_admit, self._on_preempt
         if config.speculative_loops:
@@ -376,6 +376,7 @@ class Engine:
                 break
             accepted += 1
         seq.num_accepted += accepted
+        seq.num_spec_emitted += len(outputs)
         if self.metrics is not None:
             self.metrics.count_speculation(g, accepted)
             self.metrics.count_generated(seq.loops, len(outputs))

@@ -34,7 +34,7 @@ class Sequence:
         "id", "request_id", "index", "prompt_ids", "token_ids", "params", "loops", "generator", "sink",
         "output_ids", "num_computed", "status", "finish_reason", "detok", "prompt_logprobs", "leader",
         "blocks", "block_hashes", "num_committed", "table", "num_preemptions", "arrival", "admitted_at", "first_token_at",
-        "last_token_at", "spec_tokens", "draft_ids", "draft_states", "loop_steps", "num_drafted", "num_accepted",
+        "last_token_at", "spec_tokens", "draft_ids", "draft_states", "loop_steps", "num_drafted", "num_accepted", "num_spec_emitted",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loops: int, *, request_id: str = "",
@@ -64,7 +64,8 @@ class Sequence:
         self.draft_ids: list[int] = []
         self.draft_states: list[dict] = []
         self.loop_steps = 0  # core iterations computed for generated tokens, rejected drafts included
-        self.num_drafted = self.num_accepted = 0
+        self.num_drafted = self.num_accepted = 0  # drafts made, drafts accepted
+        self.num_spec_emitted = 0  # tokens that verify passes produced (accepted drafts and corrections)
         self.arrival = time.perf_counter()
         self.admitted_at = self.first_token_at = self.last_token_at = 0.0
 

@@ -1,0 +1,98 @@
+"""Self-speculation by depth continuation: rows deeper than --speculative-loops d draft g tokens at
+depth d and one verify pass resumes iterations d..K-1 from the drafts' saved recurrence states. The
+output is exactly depth-K decoding: greedy tokens equal MeshForCausalLM.generate's in a batch of mixed
+depths and of drafting and non-drafting rows, across preemption and aborts in the middle of a round, and
+max_tokens / stop strings cut an accepted run where plain decoding stops.
+
+A tiny random checkpoint on CPU (tests/server_fixtures.py), the engine stepped in the test's thread.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from server import Engine, EngineConfig, SamplingParams
+from server_fixtures import reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
+
+PROMPTS = ["First Citizen:", "All: Speak", "To be, or not to be", "The quick brown fox jumps"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def run_all(engine):
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    return outs
+
+
+def test_greedy_speculation_matches_generate_in_a_mixed_batch(ckpt):
+    """Depths 1..4 with d = 1 (depth-1 rows cannot draft) and a seeded sampled row (greedy rows draft,
+    sampled ones decode plainly): every greedy row equals generate(), the sampled row equals its text with
+    speculation off, and loop_steps counts the drafts' iterations and the verify passes'."""
+    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1, num_speculative_tokens=3), metrics=False)
+    seqs = [(p, k, eng.add_request([eng.encode(p)], GREEDY, loops=k)[0]) for k in (4, 1, 3, 2) for p in PROMPTS]
+    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    (sampled,) = eng.add_request([eng.encode(PROMPTS[0])], seeded, loops=4)
+    run_all(eng)
+    for p, k, seq in seqs:
+        assert same_greedy(seq.output_ids, reference_greedy(eng.model, eng.encode(p), k, GREEDY.max_tokens)), (p, k)
+        if k == 1:
+            assert seq.num_drafted == 0 and seq.loop_steps == 1 * GREEDY.max_tokens
+        else:
+            assert seq.num_drafted > 0
+            plain = GREEDY.max_tokens - seq.num_spec_emitted  # tokens decoded outside rounds (the first, ...)
+            # a draft costs d = 1 iteration, its share of the verify pass k - 1; a plain token k
+            assert seq.loop_steps == 1 * seq.num_drafted + (k - 1) * seq.num_drafted + k * plain
+    assert sum(seq.num_accepted for _, _, seq in seqs) > 0
+    plain = Engine(EngineConfig(model=ckpt), metrics=False)
+    assert plain.generate([PROMPTS[0]], seeded, loops=4)[0].token_ids == sampled.output_ids
+
+
+def test_max_tokens_and_stop_strings_cut_an_accepted_run(ckpt):
+    spec = Engine(EngineConfig(model=ckpt, speculative_loops=2, num_speculative_tokens=4), metrics=False)
+    plain = Engine(EngineConfig(model=ckpt), metrics=False)
+    for max_tokens in (1, 2, 5, 7):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        a, b = spec.generate(PROMPTS[:2], params, loops=4), plain.generate(PROMPTS[:2], params, loops=4)
+        assert [x.token_ids for x in a] == [x.token_ids for x in b] and all(len(x.token_ids) == max_tokens for x in a)
+    cut = None
+    for prompt in PROMPTS:  # a continuation with a 2-character string first seen past its start: the stop
+        full = plain.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), loops=3)[0].text
+        at = [i for i in range(4, len(full) - 2) if full.find(full[i : i + 2]) == i and "\ufffd" not in full[i : i + 2]]
+        if at:
+            cut = prompt, full, at[0]
+            break
+    prompt, full, at = cut
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(full[at : at + 2],))
+    a, b = spec.generate([prompt], params, loops=3)[0], plain.generate([prompt], params, loops=3)[0]
+    assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, "stop") and a.text == full[:at]
+
+
+def test_preemption_and_abort_in_the_middle_of_a_round(ckpt, monkeypatch):
+    """A 0.25 MiB pool under drafting rows of every depth: rounds are cut by preemption (their drafts are
+    dropped, the row recomputes its verified tokens) and by an abort; the outputs still equal generate()'s
+    and every block comes back."""
+    eng = Engine(EngineConfig(model=ckpt, kv_cache_mb=0.25, max_num_batched_tokens=32, max_batch_size=16, speculative_loops=1,
+                              num_speculative_tokens=3), metrics=False)
+    cut = []
+    real = eng.scheduler._preempt
+    monkeypatch.setattr(eng.scheduler, "_preempt", lambda s: cut.append(len(s.draft_ids)) or real(s))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    seqs = [s for k in (4, 2, 3) for s in eng.add_request([eng.encode(p) for p in PROMPTS], params, loops=k)]
+    (gone,) = eng.add_request([eng.encode(PROMPTS[1])], params, loops=4)
+    while not gone.draft_ids:
+        eng.step()
+    eng.abort([gone])
+    outs = run_all(eng)
+    assert [o.finish_reason for o in outs if o.seq is gone] == ["abort"]
+    assert any(n > 0 for n in cut), "no round was cut by a preemption"
+    for s in seqs:
+        assert same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, s.loops, 40))
+    assert eng.blocks.num_used == 0
+
+
+def test_speculation_settings_are_checked(ckpt):
+    with pytest.raises(ValueError, match="below the model's max_loops"):
+        Engine(EngineConfig(model=ckpt, speculative_loops=4), metrics=False)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(speculative_loops=1, num_speculative_tokens=0)
