@@ -69,7 +69,7 @@ def default_config(tiny: bool = False) -> MeshConfig:
     if default_model_exists():
         return MeshConfig.from_pretrained(str(DEFAULT_MODEL))
     from training.config import load_config
-    from training.train import model_config
+    from training.config import model_config
 
     cfg = load_config(DEFAULT_TOML)
     return model_config(cfg, {"vocab_size": cfg["data"].get("vocab_size", 4096), "eos_token_id": 0, "bos_token_id": 0,

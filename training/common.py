@@ -106,3 +106,21 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     if p.stat().st_size == 0:
         raise UsageError(f"{what} is empty: {p}")
     return p
+
+
+def parse_int_list(text: str, name: str, lo: int = 1, hi: int | None = None) -> list[int]:
+    """``1-6``, ``1,3,5`` or a mix (``1-3,6``) -> sorted distinct integers, each checked against [lo, hi]."""
+    out: set[int] = set()
+    for part in str(text).split(","):
+        a, dash, b = part.strip().partition("-")
+        try:
+            first, last = int(a), int(b) if dash else int(a)
+        except ValueError:
+            raise UsageError(f"{name} expects integers, ranges like 1-6 or lists like 1,3,5, got {text!r}") from None
+        if first > last:
+            raise UsageError(f"{name}: the range {part.strip()!r} is empty")
+        out.update(range(first, last + 1))
+    for k in sorted(out):
+        if k < lo or (hi is not None and k > hi):
+            raise UsageError(f"{name} {k} is outside [{lo}, {hi if hi is not None else 'inf'}]")
+    return sorted(out)

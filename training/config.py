@@ -11,6 +11,7 @@ defaults to the tokenizer's, rounded up to a multiple of 64, and ``max_position_
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class TrainConfig:
     depth_weights: list = dataclasses.field(default_factory=list)  # for "weighted": one weight per depth 1..max_loops
     depth_mean: float = 2.5  # for "heavy": the mean of K before clipping to [1, max_loops]
     depth_sigma: float = 0.5  # for "heavy": sigma of the log-normal rate
+    depth_losses: str = "last"  # last: the loss at the step's depth K | all: the mean loss at every depth 1..K
     eval_interval: int = 100  # steps between evals (and at the end); 0 = only at the end
     eval_windows: int = 64  # validation windows per eval (evenly spaced over the split)
     eval_loops: list = dataclasses.field(default_factory=list)  # depths to eval; [] = 1..max_loops
@@ -74,6 +76,8 @@ class TrainConfig:
             raise UsageError(f"train.depth_weights must be non-negative numbers, one per depth 1..max_loops, got {self.depth_weights!r}")
         if self.depth_sampling == "heavy" and self.depth_mean < 1:
             raise UsageError(f"train.depth_mean must be >= 1, got {self.depth_mean}")
+        if self.depth_losses not in ("last", "all"):
+            raise UsageError(f"train.depth_losses must be 'last' or 'all', got {self.depth_losses!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise UsageError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -129,9 +133,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), data_dir: st
     for name in cfg["model"]:
         if name not in model_fields:
             raise UsageError(f"unknown model setting model.{name}")
-    for name in cfg["data"]:
-        if name not in ("dir", "vocab_size", "val_fraction"):
-            raise UsageError(f"unknown data setting data.{name} (expected dir, vocab_size, val_fraction)")
+    if cfg["data"].get("task", "text") not in ("text", "chains"):
+        raise UsageError(f"data.task must be 'text' or 'chains', got {cfg['data']['task']!r}")
+    if cfg["data"].get("task", "text") == "text":  # chains settings are checked by training.sources
+        for name in cfg["data"]:
+            if name not in ("task", "dir", "vocab_size", "val_fraction"):
+                raise UsageError(f"unknown data setting data.{name} (expected dir, vocab_size, val_fraction)")
     cfg["train"] = make_train_config(cfg["train"])
     return cfg
 
@@ -153,6 +160,29 @@ def make_train_config(values: dict) -> TrainConfig:
     tc = TrainConfig(**{k: (float(v) if hints[k] is float else v) for k, v in values.items()})
     tc.check()
     return tc
+
+
+def model_config(cfg: dict, meta: dict):
+    """MeshConfig from the [model] table; vocab, positions and special ids default from the data."""
+    from model import MeshConfig
+
+    kw = dict(cfg["model"])
+    layout = kw.pop("layout", None)
+    if layout is None:
+        raise UsageError("model.layout is required (e.g. '2+2R4+1', or '12' for a vanilla model)")
+    kw.setdefault("vocab_size", 64 * math.ceil(meta["vocab_size"] / 64))  # a multiple of 64 runs faster
+    kw.setdefault("max_position_embeddings", cfg["train"].seq_len)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        kw.setdefault(name, meta.get(name))
+    try:
+        config = MeshConfig.from_layout(str(layout), **kw)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    if config.vocab_size < meta["vocab_size"]:
+        raise UsageError(f"model.vocab_size {config.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
+    if cfg["train"].seq_len > config.max_position_embeddings:
+        raise UsageError(f"train.seq_len {cfg['train'].seq_len} exceeds model.max_position_embeddings {config.max_position_embeddings}")
+    return config
 
 
 def config_to_dict(cfg: dict) -> dict:

@@ -39,8 +39,10 @@ def sample_depth(
     raise ValueError(f"unknown depth sampling {mode!r}")
 
 
-def unused_parameters(model, loops: int) -> list:
-    """Parameters a forward at depth ``loops`` does not touch: the MeSH router pairs past step K.
+def unused_parameters(model, loops: int, all_depths: bool = False) -> list:
+    """Parameters a forward at depth ``loops`` does not touch: the MeSH router pairs past step K and,
+    with per-depth coda routers, those of the depths the step's loss does not read out (all but K, or
+    with ``all_depths`` (a loss at every depth 1..K) those past K).
 
     Their gradients are dropped (set to None) so AdamW leaves them alone on that step, the same
     way in a single process and under DDP/FSDP (which would otherwise hand back zeros).
@@ -51,4 +53,7 @@ def unused_parameters(model, loops: int) -> list:
     params = []
     for pair in range(loops + 1, len(rec.write_routers)):  # pair 0 is transitional, step t uses pair t + 1
         params += list(rec.write_routers[pair].parameters()) + list(rec.read_routers[pair].parameters())
+    for k, router in enumerate(getattr(rec, "coda_routers", []), start=1):  # coda_routers[K - 1] serves depth K
+        if k > loops or (k < loops and not all_depths):
+            params += list(router.parameters())
     return params

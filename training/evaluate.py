@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import resolve_model_dir
-from .common import UsageError, pick_device, quiet_transformers, require_file, run_cli
+from .common import UsageError, parse_int_list, pick_device, quiet_transformers, require_file, run_cli
 from .data import SplitCounter, TokenData, encode_stream, iter_text, load_tokenizer, same_tokenizer, split_point, split_text
 
 
@@ -125,14 +125,7 @@ def format_table(rows: list[dict]) -> str:
 def parse_loops(text: str | None, max_loops: int) -> list[int]:
     if not text:
         return list(range(1, max_loops + 1))
-    try:
-        loops = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--loops expects comma-separated integers like 1,2,3,4, got {text!r}") from None
-    for k in loops:
-        if not 1 <= k <= max_loops:
-            raise UsageError(f"--loops {k} is outside [1, {max_loops}] for this model")
-    return loops
+    return parse_int_list(text, "--loops", 1, max_loops)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", metavar="FILE", help="text file; evaluates its last --val-fraction with the model's tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.1, help="with --text: the held-out tail of the text (default 0.1)")
     p.add_argument("--split", default="val", choices=("val", "train"), help="with --data: which split (default val)")
-    p.add_argument("--loops", help="comma-separated depths, e.g. 1,2,3,4 (default: 1..max_loops)")
+    p.add_argument("--loops", help="depths: a range or a comma list, e.g. 1-4 or 1,3 (default: 1..max_loops)")
     p.add_argument("--context", type=int, default=0, help="window length in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")

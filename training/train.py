@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_trainer_state, read_summary, save_checkpoint
 from .common import UsageError, pick_device, run_cli, write_json_atomic, write_text_atomic
-from .config import config_to_dict, load_config
-from .data import TokenData, batch_offsets, eval_offsets, windows
+from .config import config_to_dict, load_config, model_config
 from .depth import sample_depth, unused_parameters
+from .sources import IGNORE, ChainsSource, WindowSource, make_source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,29 +65,6 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank), device
-
-
-def model_config(cfg: dict, meta: dict):
-    """MeshConfig from the [model] table; vocab, positions and special ids default from the data."""
-    from model import MeshConfig
-
-    kw = dict(cfg["model"])
-    layout = kw.pop("layout", None)
-    if layout is None:
-        raise UsageError("model.layout is required (e.g. '2+2R4+1', or '12' for a vanilla model)")
-    kw.setdefault("vocab_size", 64 * math.ceil(meta["vocab_size"] / 64))  # a multiple of 64 runs faster
-    kw.setdefault("max_position_embeddings", cfg["train"].seq_len)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        kw.setdefault(name, meta.get(name))
-    try:
-        config = MeshConfig.from_layout(str(layout), **kw)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-    if config.vocab_size < meta["vocab_size"]:
-        raise UsageError(f"model.vocab_size {config.vocab_size} is smaller than the tokenizer's {meta['vocab_size']}")
-    if cfg["train"].seq_len > config.max_position_embeddings:
-        raise UsageError(f"train.seq_len {cfg['train'].seq_len} exceeds model.max_position_embeddings {config.max_position_embeddings}")
-    return config
 
 
 def generation_config(config):
@@ -150,25 +127,41 @@ def applied_params(model, loops: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Loss and eval
 # ---------------------------------------------------------------------------------------------
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, loops: int) -> torch.Tensor:
-    logits = model(input_ids=x, loops=loops, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+def depth_logits(model, x: torch.Tensor, depths: list[int]) -> dict[int, torch.Tensor]:
+    """Logits (B, T, V) at each depth in ``depths`` from one pass: iterations up to the deepest are
+    shared, each extra depth costs one coda and head."""
+    B, T = x.shape
+    ctx = model.layer_context(torch.arange(T, device=x.device)[None].expand(B, T), loops=max(depths))
+    state, done, out = model.start(model.embed(x), ctx), 0, {}
+    for k in sorted(depths):
+        state, done = model.iterate(state, done, k, ctx), k
+        out[k] = model.compute_logits(model.finish(state, dataclasses.replace(ctx, loops=k)))
+    return out
+
+
+def step_loss(model, x, y, loops: int, all_depths: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits at the deepest depth): cross-entropy over labelled positions at depth ``loops``, or
+    the mean of it over every depth 1..loops (train.depth_losses = "all")."""
+    if all_depths:
+        per_depth = depth_logits(model, x, list(range(1, loops + 1)))
+    else:
+        per_depth = {loops: model(input_ids=x, loops=loops, use_cache=False).logits}
+    losses = [F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), y.reshape(-1), ignore_index=IGNORE) for lg in per_depth.values()]
+    return sum(losses) / len(losses), per_depth[loops]
 
 
 @torch.no_grad()
-def evaluate_windows(model, tokens, offsets, seq_len, loops_list, device, autocast, batch: int, dd: Dist) -> dict[int, float]:
-    """Mean next-token loss over fixed validation windows, per depth. Ranks split the windows."""
+def evaluate_windows(model, source, loops_list, device, autocast, batch: int, dd: Dist) -> dict[int, float]:
+    """Mean next-token loss over the source's fixed validation windows, per depth. Ranks split the windows."""
     was_training = model.training
     model.eval()
-    mine = offsets[dd.rank :: dd.world]
     out = {}
     for k in loops_list:
         total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
-        for i in range(0, len(mine), batch):
-            x, y = windows(tokens, mine[i : i + batch], seq_len)
+        for x, y in source.eval_batches(dd.rank, dd.world, batch):
             x, y = x.to(device), y.to(device)
             with autocast():
-                loss = lm_loss(model, x, y, k)
+                loss, _ = step_loss(model, x, y, k, False)
             total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
         if dd.enabled:
             dist.all_reduce(total)
@@ -229,42 +222,65 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
-# Training
+# Setting a run up
 # ---------------------------------------------------------------------------------------------
-def train(cfg: dict, out: str | Path, stop_after: int = 0, progress: bool = True) -> dict:
-    """Trains (or resumes) into ``out``; returns a summary dict (final step, losses, tokens/s)."""
-    from model import MeshConfig, MeshForCausalLM
-    from safetensors.torch import load_file
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds; the functions below each do one job with it."""
 
-    tc = cfg["train"]
-    out = Path(out)
-    if not cfg["data"].get("dir"):
-        raise UsageError("no data directory: pass --data DIR or set data.dir in the config")
-    data = TokenData(cfg["data"]["dir"])
-    train_tokens, val_tokens = data.split("train"), data.split("val")
+    cfg: dict
+    out: Path
+    dd: Dist
+    device: torch.device
+    source: object  # training.sources.WindowSource or ChainsSource
+    raw: torch.nn.Module  # the model itself (state dicts, unused-parameter pruning)
+    model: torch.nn.Module  # what the step runs: raw, or its DDP / FSDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    micro: int
+    accum: int
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    wall_before: float = 0.0
+    t_start: float = 0.0
+    resumed_from: Path | None = None
+    last_eval: dict | None = None
 
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
-    dd, device = setup_distributed(tc.device)
-    try:
-        return _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after, progress, MeshConfig, MeshForCausalLM, load_file)
-    finally:
-        if dd.enabled:
-            dist.destroy_process_group()
+    @property
+    def tc(self):
+        return self.cfg["train"]
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
-def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after, progress, MeshConfig, MeshForCausalLM, load_file):
-    # ---- batch geometry: the global batch is the same whatever the world size --------------
+def batch_geometry(tc, dd: Dist) -> tuple[int, int, int]:
+    """(rows per rank, micro-batch rows, accumulation steps): the global batch is the same whatever the world size."""
     if tc.batch_size % dd.world:
         raise UsageError(f"train.batch_size {tc.batch_size} is not divisible by the {dd.world} processes")
     per_rank = tc.batch_size // dd.world
     micro = tc.micro_batch_size or per_rank
     if per_rank % micro:
         raise UsageError(f"per-process batch {per_rank} (batch_size / processes) is not divisible by train.micro_batch_size {micro}")
-    accum = per_rank // micro
+    return per_rank, micro, per_rank // micro
 
-    # ---- resume or start --------------------------------------------------------------------
+
+def find_checkpoint(cfg: dict, out: Path, dd: Dist) -> Path | None:
+    """RUN_DIR/latest (found by rank 0, shared with the others); refuses a run of a different model."""
     found = [None]
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -282,230 +298,297 @@ def _train(cfg, tc, out, data, train_tokens, val_tokens, dd, device, stop_after,
                 f"{out} holds a run of a different model (model.{', model.'.join(changed)} changed); "
                 f"use another --out, or delete {out} to start over"
             )
+    return ckpt
 
-    torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-    if ckpt is not None:
-        config = MeshConfig.from_pretrained(str(ckpt))
-    else:
-        config = model_config(cfg, data.meta)
-    model = MeshForCausalLM(config).to(device)
-    model.generation_config = generation_config(config)
+
+def check_depths(tc, config, dd: Dist) -> None:
+    """Depth settings that need the model's max_loops."""
     max_loops = config.max_loops
-    fixed_k = tc.fixed_loops or config.default_loops
     if tc.depth_sampling == "weighted" and len(tc.depth_weights) != max_loops:
         raise UsageError(f"train.depth_weights needs {max_loops} weights (one per depth 1..max_loops), got {len(tc.depth_weights)}")
+    fixed_k = tc.fixed_loops or config.default_loops
     if tc.depth_sampling == "fixed" and not 1 <= fixed_k <= max_loops:
         raise UsageError(f"train.fixed_loops: loops must be an integer in [1, {max_loops}], got {fixed_k}")
-    eval_loops = tc.eval_loops or list(range(1, max_loops + 1))
-    for k in eval_loops:
+    for k in tc.eval_loops:
         if not isinstance(k, int) or not 1 <= k <= max_loops:
             raise UsageError(f"train.eval_loops entries must be integers in [1, {max_loops}], got {k!r}")
+    if tc.depth_losses == "all" and (dd.enabled or tc.compile):
+        raise UsageError("train.depth_losses = 'all' runs the model's stages directly: one process, no train.compile")
 
-    use_cuda = device.type == "cuda"
-    amp_dtype = None
-    if tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda):
-        amp_dtype = torch.bfloat16
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    # ---- parallel wrappers --------------------------------------------------------------------
-    raw = model
+def wrap_model(model, tc, dd: Dist, device: torch.device):
+    """DDP or FSDP under torchrun, then torch.compile if asked; the model itself otherwise."""
+    wrapped = model
     if dd.enabled and tc.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for layer in [*model.prelude, *model.core, *model.coda]:
             fully_shard(layer)
         fully_shard(model)
-        train_model = model
     elif dd.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # Router pairs past the step's depth are unused at that step.
-        train_model = DDP(model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=config.scheme == "mesh")
-    else:
-        train_model = model
-    if tc.compile:
-        train_model = torch.compile(train_model)
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=model.config.scheme == "mesh")
+    return torch.compile(wrapped) if tc.compile else wrapped
 
+
+def build_run(cfg: dict, out: Path, dd: Dist, device: torch.device) -> Run:
+    """Model, optimizer and schedule, fresh or restored from RUN_DIR/latest."""
+    from model import MeshConfig, MeshForCausalLM
+
+    tc = cfg["train"]
+    source = make_source(cfg, out)
+    _, micro, accum = batch_geometry(tc, dd)
+    ckpt = find_checkpoint(cfg, out, dd)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
+    config = MeshConfig.from_pretrained(str(ckpt)) if ckpt is not None else model_config(cfg, source.meta)
+    check_depths(tc, config, dd)
+    raw = MeshForCausalLM(config).to(device)
+    raw.generation_config = generation_config(config)
+    use_cuda = device.type == "cuda"
+    amp = torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda) else None
+    model = wrap_model(raw, tc, dd, device)
     # Dropout masks differ per rank; batches and depths never use this RNG.
     torch.manual_seed(tc.seed + dd.rank)
     optimizer = make_optimizer(raw, tc, fused=use_cuda and tc.parallel != "fsdp")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-
-    step, tokens_seen, train_time, wall_before = 0, 0, 0.0, 0.0
-    t_start = time.perf_counter()
-    metrics_path = out / "metrics.jsonl"
+    run = Run(cfg, out, dd, device, source, raw, model, optimizer, scheduler, micro, accum, amp, t_start=time.perf_counter())
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        set_states(raw, optimizer, load_file(str(ckpt / "model.safetensors")), state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, tokens_seen, train_time = state["step"], state["tokens"], state["train_time_s"]
-        wall_before = state.get("wall_time_s", train_time)
-        rngs = state["rng"]
-        if len(rngs) == dd.world:
-            set_rng_state(rngs[dd.rank], device)
-        else:
-            torch.manual_seed(tc.seed + 1000 * step + dd.rank)
+        restore(run, ckpt)
     if dd.main:
         # Records past the step we start from belong to a run that died after them (step 0 when it
         # died before its first checkpoint): they are redone, so drop them.
-        truncate_metrics(metrics_path, step)
+        truncate_metrics(run.metrics_path, run.step)
         write_json_atomic(out / "train_config.json", config_to_dict(cfg))
+    return run
 
-    if step >= tc.max_steps:
-        if dd.main:
-            print(f"{out}: already trained to step {step} (train.max_steps = {tc.max_steps}); nothing to do")
-        return {"step": step, "resumed_from": str(ckpt), "tokens": tokens_seen, "train_time_s": train_time}
 
-    def save(at_step: int, losses: dict | None):
-        model_sd, optim_sd = get_states(raw, optimizer)
-        rngs = [None] * dd.world
-        if dd.enabled:
-            dist.all_gather_object(rngs, rng_state(device))
-        else:
-            rngs = [rng_state(device)]
-        if dd.main:
-            trainer_state = {
-                "step": at_step,
-                "tokens": tokens_seen,
-                "train_time_s": train_time,
-                "wall_time_s": wall_before + time.perf_counter() - t_start,
-                "optimizer": optim_sd,
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs,
-                # The data position: batches are a function of (seed, step), so the next step is all
-                # a resumed run needs to draw the same windows.
-                "data": {"sampler": "random-windows", "seed": tc.seed, "next_step": at_step, "dir": str(data.path)},
-            }
-            summary = {
-                "step": at_step,
-                "tokens": tokens_seen,
-                "train_time_s": round(train_time, 2),
-                "wall_time_s": round(wall_before + time.perf_counter() - t_start, 2),
-                "world_size": dd.world,
-                "val_loss": {str(k): v for k, v in (losses or {}).items()},
-                "config": config_to_dict(cfg),
-            }
-            save_checkpoint(out, at_step, raw, model_sd, trainer_state, data.path, summary, tc.keep_checkpoints)
-        if dd.enabled:
-            dist.barrier()
+def restore(run: Run, ckpt: Path) -> None:
+    from safetensors.torch import load_file
 
-    n_params = raw.num_parameters(exclude_embeddings=True)
-    peak = peak_flops(device, tc.peak_flops) * dd.world
-    tokens_per_step = tc.batch_size * tc.seq_len
-    if dd.main:
-        print(
-            f"model {config.layout} ({config.scheme}, max_loops {max_loops}): {n_params:,} non-embedding parameters, "
-            f"{raw.num_parameters():,} total | {dd.world} process(es) on {device.type}, batch {tc.batch_size} x {tc.seq_len} "
-            f"(micro {micro}, accumulation {accum}), depth sampling {tc.depth_sampling}"
-            + (f" | resuming from {ckpt}" if ckpt else "")
-        )
+    state = load_trainer_state(ckpt)
+    set_states(run.raw, run.optimizer, load_file(str(ckpt / "model.safetensors")), state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.source.load_state_dict(state["data"])
+    run.step, run.tokens, run.train_time = state["step"], state["tokens"], state["train_time_s"]
+    run.wall_before = state.get("wall_time_s", run.train_time)
+    run.resumed_from = ckpt
+    rngs = state["rng"]
+    if len(rngs) == run.dd.world:
+        set_rng_state(rngs[run.dd.rank], run.device)
+    else:
+        torch.manual_seed(run.tc.seed + 1000 * run.step + run.dd.rank)
 
-    val_offsets = eval_offsets(len(val_tokens), tc.seq_len, tc.eval_windows)
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not (progress and dd.main), dynamic_ncols=True)
-    run_steps, last_losses = 0, None
-    window_tokens, window_time, window_flops = 0, 0.0, 0.0
-    train_model.train()
-    while step < tc.max_steps:
-        t0 = time.perf_counter()
-        k = sample_depth(step, tc.seed, tc.depth_sampling, max_loops, fixed_k, tc.depth_mean, tc.depth_sigma, tc.depth_weights)
-        offsets = batch_offsets(len(train_tokens), tc.seq_len, tc.batch_size, tc.seed, step)
-        mine = offsets[dd.rank * per_rank : (dd.rank + 1) * per_rank]
-        loss_sum = torch.zeros((), device=device)
-        for m in range(accum):
-            x, y = windows(train_tokens, mine[m * micro : (m + 1) * micro], tc.seq_len)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last = m == accum - 1
-            sync = contextlib.nullcontext()
-            if dd.enabled and not last:  # all-reduce gradients only once per optimizer step
-                sync = train_model.no_sync() if tc.parallel == "ddp" else _fsdp_no_sync(raw)
-            with sync:
-                with autocast():
-                    loss = lm_loss(train_model, x, y, k) / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        if dd.enabled and tc.parallel == "fsdp":
-            raw.set_requires_gradient_sync(True)
-        for p in unused_parameters(raw, k):
-            p.grad = None
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if dd.enabled:
-            dist.all_reduce(loss_sum)
-            loss_sum /= dd.world
-        loss_value = loss_sum.item()  # waits for the step to finish, so the timing below is honest
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss is {loss_value} at step {step} (depth {k}); lower train.lr or check the data")
-        dt = time.perf_counter() - t0
-        step += 1
-        run_steps += 1
-        tokens_seen += tokens_per_step
-        train_time += dt
-        window_tokens += tokens_per_step
-        window_time += dt
-        window_flops += applied_flops(raw, k, tc.seq_len) * tokens_per_step
 
-        if dd.main:
-            tok_s = window_tokens / max(window_time, 1e-9)
-            post = {"loss": f"{loss_value:.3f}", "K": k, "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
-            if peak:
-                post["mfu"] = f"{100 * window_flops / window_time / peak:.1f}%"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-            if step % tc.log_interval == 0 or step == tc.max_steps:
-                rec = {
-                    "step": step,
-                    "loss": loss_value,
-                    "loops": k,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens": tokens_seen,
-                    "tok_per_s": round(tok_s, 1),
-                    "train_time_s": round(train_time, 3),
-                }
-                if peak:
-                    rec["mfu"] = window_flops / window_time / peak
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                window_tokens, window_time, window_flops = 0, 0.0, 0.0
+def save(run: Run) -> None:
+    """Checkpoint at run.step (all ranks take part in gathering the state; rank 0 writes)."""
+    dd = run.dd
+    model_sd, optim_sd = get_states(run.raw, run.optimizer)
+    rngs = [None] * dd.world
+    if dd.enabled:
+        dist.all_gather_object(rngs, rng_state(run.device))
+    else:
+        rngs = [rng_state(run.device)]
+    if not dd.main:
+        dist.barrier()
+        return
+    wall = run.wall_before + time.perf_counter() - run.t_start
+    trainer_state = {
+        "step": run.step,
+        "tokens": run.tokens,
+        "train_time_s": run.train_time,
+        "wall_time_s": wall,
+        "optimizer": optim_sd,
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rngs,
+        # The data position: batches are a function of (seed, step) (and the chains curriculum level),
+        # so the next step and the source's state are all a resumed run needs to draw the same batches.
+        "data": {**run.source.state_dict(), "next_step": run.step},
+    }
+    summary = {
+        "step": run.step,
+        "tokens": run.tokens,
+        "train_time_s": round(run.train_time, 2),
+        "wall_time_s": round(wall, 2),
+        "world_size": dd.world,
+        "val_loss" if isinstance(run.source, WindowSource) else "val_accuracy": run.last_eval or {},
+        "config": config_to_dict(run.cfg),
+    }
+    save_checkpoint(run.out, run.step, run.raw, model_sd, trainer_state, run.source.tokenizer_dir, summary, run.tc.keep_checkpoints)
+    if dd.enabled:
+        dist.barrier()
 
-        done = step == tc.max_steps
-        if (tc.eval_interval and step % tc.eval_interval == 0) or done:
-            last_losses = evaluate_windows(
-                raw if tc.parallel == "ddp" else train_model, val_tokens, val_offsets, tc.seq_len, eval_loops, device, autocast, micro, dd
-            )
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def train(cfg: dict, out: str | Path, stop_after: int = 0, progress: bool = True) -> dict:
+    """Trains (or resumes) into ``out``; returns a summary dict (final step, losses, tokens/s)."""
+    tc = cfg["train"]
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    dd, device = setup_distributed(tc.device)
+    try:
+        run = build_run(cfg, Path(out), dd, device)
+        if run.step >= tc.max_steps:
             if dd.main:
-                chars_per_token = data.meta["val"]["chars"] / data.meta["val"]["tokens"]
-                rec = {
-                    "step": step,
-                    "eval": {str(kk): v for kk, v in last_losses.items()},
-                    "nats_per_char": {str(kk): v / chars_per_token for kk, v in last_losses.items()},
-                }
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.write("step {}: val loss {}".format(step, "  ".join(f"K={kk} {v:.4f}" for kk, v in last_losses.items())))
+                print(f"{out}: already trained to step {run.step} (train.max_steps = {tc.max_steps}); nothing to do")
+            return {"step": run.step, "resumed_from": str(run.resumed_from), "tokens": run.tokens, "train_time_s": run.train_time}
+        return train_loop(run, stop_after, progress)
+    finally:
+        if dd.enabled:
+            dist.destroy_process_group()
+
+
+def train_loop(run: Run, stop_after: int, progress: bool) -> dict:
+    tc, dd = run.tc, run.dd
+    if dd.main:
+        print(describe(run))
+    peak = peak_flops(run.device, tc.peak_flops) * dd.world
+    bar = tqdm(total=tc.max_steps, initial=run.step, desc="train", disable=not (progress and dd.main), dynamic_ncols=True)
+    window = {"tokens": 0, "time": 0.0, "flops": 0.0}
+    run_steps = 0
+    run.model.train()
+    while run.step < tc.max_steps:
+        loss, k, lr, grad_norm, dt, n_tokens = train_step(run)
+        run.step += 1
+        run_steps += 1
+        run.tokens += n_tokens
+        run.train_time += dt
+        window["tokens"] += n_tokens
+        window["time"] += dt
+        window["flops"] += applied_flops(run.raw, k, tc.seq_len) * n_tokens
+        if dd.main:
+            log_step(run, bar, window, peak, loss, k, lr, grad_norm)
+        done = run.step == tc.max_steps
+        if (tc.eval_interval and run.step % tc.eval_interval == 0) or done:
+            run_eval(run, bar)
         stopping = stop_after and run_steps >= stop_after
-        if done or stopping or (tc.checkpoint_interval and step % tc.checkpoint_interval == 0):
-            save(step, last_losses)
+        if done or stopping or (tc.checkpoint_interval and run.step % tc.checkpoint_interval == 0):
+            save(run)
         if stopping and not done:
             if dd.main:
                 bar.write(f"stopping after {run_steps} steps (--stop-after-steps); rerun the same command to continue")
             break
     bar.close()
     return {
-        "step": step,
-        "resumed_from": str(ckpt) if ckpt else None,
-        "tokens": tokens_seen,
-        "train_time_s": train_time,
-        "tok_per_s": tokens_seen / max(train_time, 1e-9),
-        "val_loss": last_losses,
+        "step": run.step,
+        "resumed_from": str(run.resumed_from) if run.resumed_from else None,
+        "tokens": run.tokens,
+        "train_time_s": run.train_time,
+        "tok_per_s": run.tokens / max(run.train_time, 1e-9),
+        "val_loss": run.last_eval if isinstance(run.source, WindowSource) else None,
+        "val_accuracy": run.last_eval if not isinstance(run.source, WindowSource) else None,
     }
+
+
+def describe(run: Run) -> str:
+    tc, c = run.tc, run.raw.config
+    return (
+        f"model {c.layout} ({c.scheme}, max_loops {c.max_loops}): {run.raw.num_parameters(exclude_embeddings=True):,} non-embedding parameters, "
+        f"{run.raw.num_parameters():,} total | {run.dd.world} process(es) on {run.device.type}, batch {tc.batch_size} x {tc.seq_len} "
+        f"(micro {run.micro}, accumulation {run.accum}), depth sampling {tc.depth_sampling}"
+        + (f", losses at every depth" if tc.depth_losses == "all" else "")
+        + (f" | resuming from {run.resumed_from}" if run.resumed_from else "")
+    )
+
+
+def train_step(run: Run):
+    """One optimizer step at a depth drawn from (seed, step): (loss, K, lr, grad norm, seconds, tokens)."""
+    tc, dd, raw = run.tc, run.dd, run.raw
+    t0 = time.perf_counter()
+    k = sample_depth(run.step, tc.seed, tc.depth_sampling, raw.config.max_loops, tc.fixed_loops or raw.config.default_loops, tc.depth_mean, tc.depth_sigma, tc.depth_weights)
+    k = min(k, run.source.max_loops(raw.config.max_loops))  # a chains curriculum caps the depth of easy levels
+    lo = dd.rank * run.micro * run.accum
+    loss_sum = torch.zeros((), device=run.device)
+    counts, n_tokens = None, 0
+    for m in range(run.accum):
+        x, y, hops = run.source.batch(run.step, lo + m * run.micro, lo + (m + 1) * run.micro)
+        n_tokens += x.numel() * dd.world
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = contextlib.nullcontext()
+        if dd.enabled and m < run.accum - 1:  # all-reduce gradients only once per optimizer step
+            sync = run.model.no_sync() if tc.parallel == "ddp" else _fsdp_no_sync(raw)
+        with sync:
+            with run.autocast():
+                loss, logits = step_loss(run.model, x, y, k, tc.depth_losses == "all")
+                loss = loss / run.accum
+            loss.backward()
+        loss_sum += loss.detach()
+        if hops is not None:
+            c = run.source.level_counts(y.cpu(), logits.detach().argmax(-1).cpu(), hops)
+            counts = c if counts is None else counts + c
+    if dd.enabled and tc.parallel == "fsdp":
+        raw.set_requires_gradient_sync(True)
+    for p in unused_parameters(raw, k, all_depths=tc.depth_losses == "all"):
+        p.grad = None
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if dd.enabled:
+        dist.all_reduce(loss_sum)
+        loss_sum /= dd.world
+    loss_value = loss_sum.item()  # waits for the step to finish, so the timing below is honest
+    if not math.isfinite(loss_value):
+        raise RuntimeError(f"loss is {loss_value} at step {run.step} (depth {k}); lower train.lr or check the data")
+    if counts is not None:
+        if dd.enabled:
+            counts = counts.to(run.device)
+            dist.all_reduce(counts)
+        run.source.observe(counts.cpu())
+    return loss_value, k, lr, float(grad_norm), time.perf_counter() - t0, n_tokens
+
+
+def log_step(run: Run, bar, window: dict, peak: float, loss: float, k: int, lr: float, grad_norm: float) -> None:
+    tok_s = window["tokens"] / max(window["time"], 1e-9)
+    post = {"loss": f"{loss:.3f}", "K": k, "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+    if peak:
+        post["mfu"] = f"{100 * window['flops'] / window['time'] / peak:.1f}%"
+    bar.set_postfix(post, refresh=False)
+    bar.update(1)
+    if run.step % run.tc.log_interval and run.step != run.tc.max_steps:
+        return
+    rec = {
+        "step": run.step,
+        "loss": loss,
+        "loops": k,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": run.tokens,
+        "tok_per_s": round(tok_s, 1),
+        "train_time_s": round(run.train_time, 3),
+    }
+    if peak:
+        rec["mfu"] = window["flops"] / window["time"] / peak
+    if isinstance(run.source, ChainsSource):
+        rec["curriculum"] = {"hops": run.source.level, "accuracy": round(run.source.acc, 4)}
+    append_metrics(run.metrics_path, rec)
+    window.update(tokens=0, time=0.0, flops=0.0)
+
+
+def run_eval(run: Run, bar) -> None:
+    """Validation loss per depth (text) or accuracy per hop count x depth (chains), logged by rank 0."""
+    tc = run.tc
+    loops = tc.eval_loops or list(range(1, run.raw.config.max_loops + 1))
+    evaluated = run.raw if tc.parallel == "ddp" else run.model
+    if isinstance(run.source, WindowSource):
+        run.last_eval = evaluate_windows(evaluated, run.source, loops, run.device, run.autocast, run.micro, run.dd)
+        rec = {"eval": {str(k): v for k, v in run.last_eval.items()}, "nats_per_char": run.source.nats_per_char(run.last_eval)}
+        line = "val loss " + "  ".join(f"K={k} {v:.4f}" for k, v in run.last_eval.items())
+    else:
+        from .evaluate_chains import accuracy_table
+
+        hops = list(range(1, run.source.c["max_hops"] + 1))
+        table = accuracy_table(run.raw, hops, loops, tc.eval_windows, "val", tc.seed, run.device)
+        run.last_eval = {str(h): {str(k): a for k, a in row.items()} for h, row in table.items()}
+        rec = {"accuracy": run.last_eval}
+        line = "val accuracy at K=max: " + " ".join(f"{h}h {row[max(loops)]:.2f}" for h, row in table.items())
+    if run.dd.main:
+        append_metrics(run.metrics_path, {"step": run.step, **rec})
+        bar.write(f"step {run.step}: {line}")
 
 
 def applied_flops(model, loops: int, seq_len: int) -> float:
@@ -545,6 +628,8 @@ def main(argv=None) -> int:
         result = train(cfg, args.out, stop_after=args.stop_after_steps, progress=not args.quiet)
         if int(os.environ.get("RANK", "0")) == 0 and result.get("val_loss"):
             print("final val loss: " + "  ".join(f"K={k} {v:.4f}" for k, v in result["val_loss"].items()))
+        if int(os.environ.get("RANK", "0")) == 0 and result.get("val_accuracy"):
+            print("final val accuracy (hops: accuracy at each eval depth): " + json.dumps(result["val_accuracy"]))
 
     return run_cli("train", body)
 

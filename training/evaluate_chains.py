@@ -1,0 +1,153 @@
+"""Accuracy of a model on held-out chains problems, by hop count x loops, in process or over HTTP.
+
+    python -m training.evaluate_chains --model model/chains --loops 1-6 --hops 1-8
+    python -m training.evaluate_chains --url http://127.0.0.1:8000 --loops 1-6 --hops 1,3,5 --json
+
+Each problem is one prompt ``assignments;?x=`` (training/tasks/chains.py, the test split by default;
+training uses val, so these problems were never seen). The answer is the first character of the
+greedy continuation: in process the argmax of the next-token logits; over HTTP the first character
+of a ``/v1/completions`` text with temperature 0 and the extension field ``loops``. Both read the
+same argmax, so they agree up to near-ties (float differences between batched and single rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .common import UsageError, parse_int_list, pick_device, run_cli
+from .tasks import chains
+
+ID_TO_CHAR = {i: c for c, i in chains.VOCAB.items()}
+
+
+@torch.no_grad()
+def accuracy_table(model, hops_list, loops_list, n: int, split: str = "test", seed: int = 0, device=None, batch: int = 64) -> dict:
+    """{hops: {loops: accuracy}} over n problems per hop count; one pass per batch gives every depth."""
+    from .train import depth_logits
+
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    table = {}
+    for hops in hops_list:
+        problems = chains.eval_problems(split, seed, hops, n)
+        correct = dict.fromkeys(loops_list, 0)
+        for i in range(0, n, batch):
+            group = problems[i : i + batch]
+            ids = [chains.encode(p.prompt()) for p in group]
+            x = torch.full((len(ids), max(map(len, ids))), chains.PAD_ID)  # right padding: causal attention never sees it
+            for r, row in enumerate(ids):
+                x[r, : len(row)] = torch.tensor(row)
+            last = torch.tensor([len(row) - 1 for row in ids])
+            for k, logits in depth_logits(model, x.to(device), list(loops_list)).items():
+                picked = logits[torch.arange(len(ids)), last.to(device)].argmax(-1).tolist()
+                correct[k] += sum(ID_TO_CHAR.get(t) == str(p.values[p.target]) for t, p in zip(picked, group))
+        table[hops] = {k: correct[k] / n for k in loops_list}
+    model.train(was_training)
+    return table
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise UsageError(f"{url}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UsageError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+
+def served_model(base: str, timeout: float) -> str:
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=timeout) as r:
+            return json.loads(r.read())["data"][0]["id"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as e:
+        raise UsageError(f"cannot list models at {base}/v1/models: {getattr(e, 'reason', e)}") from None
+
+
+def http_table(base: str, hops_list, loops_list, n: int, split: str = "test", seed: int = 0, workers: int = 8, timeout: float = 60.0) -> dict:
+    """The same table from a running server: one /v1/completions request per problem and depth."""
+    base = base.rstrip("/")
+    name = served_model(base, timeout)
+
+    def answer(prompt: str, loops: int) -> str:
+        body = {"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0, "loops": loops}
+        return _post(f"{base}/v1/completions", body, timeout)["choices"][0]["text"][:1]
+
+    table = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for hops in hops_list:
+            problems = chains.eval_problems(split, seed, hops, n)
+            table[hops] = {}
+            for k in loops_list:
+                got = pool.map(lambda p: answer(p.prompt(), k), problems)
+                table[hops][k] = sum(a == str(p.values[p.target]) for a, p in zip(got, problems)) / n
+    return table
+
+
+def format_table(table: dict) -> str:
+    loops = list(next(iter(table.values())))
+    lines = ["| hops | " + " | ".join(f"loops={k}" for k in loops) + " |", "|---:|" + "---:|" * len(loops)]
+    for hops, row in table.items():
+        lines.append(f"| {hops} | " + " | ".join(f"{100 * row[k]:.1f}%" for k in loops) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate_chains", description="Chains accuracy by hop count x loops, in process or through a server.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", metavar="DIR", help="model directory or training run directory (in-process evaluation)")
+    where.add_argument("--url", metavar="URL", help="a running server, e.g. http://127.0.0.1:8000 (sends /v1/completions)")
+    p.add_argument("--loops", default="1-6", help="depths: a range or a comma list, e.g. 1-6 or 1,3,6 (default 1-6)")
+    p.add_argument("--hops", default="1-8", help="hop counts: a range or a comma list (default 1-8)")
+    p.add_argument("--n", type=int, default=200, help="problems per hop count (default 200)")
+    p.add_argument("--split", default="test", choices=sorted(chains.SPLIT_SEEDS), help="problem set (default test; training evaluates on val)")
+    p.add_argument("--seed", type=int, default=0, help="problem seed within the split (default 0)")
+    p.add_argument("--device", default="auto", help="in process: auto | cpu | cuda")
+    p.add_argument("--workers", type=int, default=8, help="over HTTP: concurrent requests (default 8)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body():
+        if args.n < 1 or args.workers < 1:
+            raise UsageError("--n and --workers must be >= 1")
+        hops = parse_int_list(args.hops, "--hops", 1, chains.MAX_HOPS)
+        if args.url:
+            loops = parse_int_list(args.loops, "--loops", 1)
+            table = http_table(args.url, hops, loops, args.n, args.split, args.seed, args.workers)
+            source = args.url
+        else:
+            from .evaluate import load_model
+
+            model, directory = load_model(args.model, pick_device(args.device))
+            loops = parse_int_list(args.loops, "--loops", 1, model.config.max_loops)
+            table = accuracy_table(model, hops, loops, args.n, args.split, args.seed)
+            source = str(directory)
+        if args.json:
+            out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"{source}: {args.n} {args.split} problems per hop count, accuracy of the first answer character")
+            print(format_table(table))
+
+    return run_cli("evaluate_chains", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Where a training run's batches come from: windows of a prepared token file, or chains problems.
+
+Both hand out the rows ``lo:hi`` of the global batch of a step as a pure function of (seed, step)
+(plus, for chains, the curriculum level, which checkpoints save), so every data-parallel rank and a
+resumed run see the same batches. Labels are next-token ids, IGNORE where the loss skips a position.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import UsageError, write_json_atomic
+from .data import TokenData, batch_offsets, eval_offsets, windows
+from .tasks import chains
+
+IGNORE = chains.IGNORE
+
+
+class WindowSource:
+    """Random windows of ``seq_len`` tokens from DATA_DIR/train.bin (every position labelled)."""
+
+    kind = "random-windows"
+
+    def __init__(self, data_cfg: dict, tc):
+        if not data_cfg.get("dir"):
+            raise UsageError("no data directory: pass --data DIR or set data.dir in the config")
+        self.data = TokenData(data_cfg["dir"])
+        self.train, self.val = self.data.split("train"), self.data.split("val")
+        self.tc = tc
+        self.meta = self.data.meta
+        self.tokenizer_dir = self.data.path
+        self.val_offsets = eval_offsets(len(self.val), tc.seq_len, tc.eval_windows)
+
+    def batch(self, step: int, lo: int, hi: int):
+        offsets = batch_offsets(len(self.train), self.tc.seq_len, self.tc.batch_size, self.tc.seed, step)
+        x, y = windows(self.train, offsets[lo:hi], self.tc.seq_len)
+        return x, y, None
+
+    def eval_batches(self, rank: int, world: int, batch: int):
+        mine = self.val_offsets[rank::world]
+        for i in range(0, len(mine), batch):
+            yield windows(self.val, mine[i : i + batch], self.tc.seq_len)
+
+    def nats_per_char(self, losses: dict) -> dict:
+        chars_per_token = self.meta["val"]["chars"] / self.meta["val"]["tokens"]
+        return {str(k): v / chars_per_token for k, v in losses.items()}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.kind, "seed": self.tc.seed, "dir": str(self.data.path)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def observe(self, counts) -> None:
+        pass
+
+    def level_counts(self, y, pred, hops):
+        return None
+
+    def max_loops(self, max_loops: int) -> int:
+        return max_loops
+
+
+CHAINS_KEYS = {"task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0}
+
+
+class ChainsSource:
+    """Chains problems (training/tasks/chains.py), one per row, right-padded; only answer digits labelled.
+
+    Curriculum: a row's target has ``level`` hops half the time, else 1..level-1 hops (always 1 at
+    level 1). The level starts at data.start_hops and goes up by one, up to data.max_hops, once the
+    running accuracy (EMA with factor data.ema) of the first answer of level-hop rows at the step's
+    deepest depth reaches data.advance_at: it waits for each hop count to be learned. Only first
+    answers count: a later query may repeat a variable and copy its answer. With data.loops_per_hop
+    > 0 a step runs at most ceil(level * loops_per_hop) loops, so the cheap shallow steps come first.
+    """
+
+    kind = "chains"
+
+    def __init__(self, data_cfg: dict, tc, out: Path):
+        unknown = set(data_cfg) - set(CHAINS_KEYS) - {"dir"}
+        if unknown:
+            raise UsageError(f"unknown data setting data.{sorted(unknown)[0]} for task chains (expected {', '.join(CHAINS_KEYS)})")
+        c = {**CHAINS_KEYS, **data_cfg}
+        if not 1 <= c["start_hops"] <= c["max_hops"] <= chains.MAX_HOPS:
+            raise UsageError(f"data.start_hops and data.max_hops must satisfy 1 <= start_hops <= max_hops <= {chains.MAX_HOPS}")
+        if c["queries"] < 1 or not 0 < c["advance_at"] <= 1 or not 0 <= c["ema"] < 1:
+            raise UsageError("data.queries must be >= 1, data.advance_at in (0, 1], data.ema in [0, 1)")
+        self.c, self.tc = c, tc
+        self.level, self.acc = c["start_hops"], 0.0
+        self.meta = {"vocab_size": len(chains.VOCAB), "bos_token_id": chains.EOS_ID, "eos_token_id": chains.EOS_ID, "pad_token_id": chains.PAD_ID}
+        self.tokenizer_dir = Path(out) / "tokenizer"
+        if not (self.tokenizer_dir / "tokenizer.json").is_file():
+            chains.char_tokenizer().save_pretrained(str(self.tokenizer_dir))
+            write_json_atomic(self.tokenizer_dir / "meta.json", self.meta)
+
+    def _hops(self, rng) -> int:
+        if self.level == 1 or rng.random() < 0.5:
+            return self.level
+        return int(rng.integers(1, self.level))
+
+    def batch(self, step: int, lo: int, hi: int):
+        rows = []
+        for i in range(lo, hi):
+            rng = chains.rng_for("train", self.tc.seed, step * self.tc.batch_size + i)
+            rows.append(chains.training_row(rng, self._hops(rng), self.c["queries"], self.c["replace"]))
+        T = max(len(ids) for ids, _, _ in rows)
+        x = torch.full((len(rows), T), chains.PAD_ID)
+        y = torch.full((len(rows), T), IGNORE)
+        hops = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, (ids, labels, label_hops) in enumerate(rows):
+            x[r, : len(ids)] = torch.tensor(ids)
+            y[r, : len(labels)] = torch.tensor(labels)
+            first = labels.index(next(t for t in labels if t != IGNORE))
+            hops[r, first] = label_hops[0]  # the first answer: it cannot copy an earlier one
+        return x, y, hops
+
+    def max_loops(self, max_loops: int) -> int:
+        """The deepest depth a step may run at the current level."""
+        if self.c["loops_per_hop"] <= 0:
+            return max_loops
+        return max(1, min(max_loops, math.ceil(self.level * self.c["loops_per_hop"])))
+
+    def level_counts(self, y, pred, hops) -> torch.Tensor:
+        """(correct, count) of this batch's first answers with ``level`` hops."""
+        sel = hops == self.level
+        return torch.stack([(pred[sel] == y[sel]).sum(), sel.sum()]).double()
+
+    def observe(self, counts) -> None:
+        correct, n = (float(v) for v in counts)
+        if n == 0:
+            return
+        self.acc = self.c["ema"] * self.acc + (1 - self.c["ema"]) * correct / n
+        if self.acc >= self.c["advance_at"] and self.level < self.c["max_hops"]:
+            self.level, self.acc = self.level + 1, 0.0
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.kind, "seed": self.tc.seed, "level": self.level, "acc": self.acc}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.level, self.acc = state["level"], state["acc"]
+
+
+def make_source(cfg: dict, out: Path):
+    if cfg["data"].get("task", "text") == "chains":
+        return ChainsSource(cfg["data"], cfg["train"], out)
+    return WindowSource(cfg["data"], cfg["train"])

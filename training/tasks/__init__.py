@@ -1,0 +1,1 @@
+"""Synthetic tasks with known answers, for models whose depth should pay off."""
