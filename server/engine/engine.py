@@ -367,8 +367,14 @@ class Engine:
         seq.loop_steps += (seq.loops - d) * g
         seq.num_drafted += g
         outputs, accepted, now = [], 0, time.perf_counter()
+        plain = seq.params.logprobs is None and not seq.params.penalized and not seq.params.logit_bias and \
+            len(seq.output_ids) >= seq.params.min_tokens
+        choices = logits.argmax(dim=-1).tolist() if plain else None  # greedy with nothing to adjust: one argmax
         for i in range(g):
-            (tok,), lp = self.sampler([seq], logits[i : i + 1])
+            if plain:
+                tok, lp = choices[i], {}
+            else:  # the sampler, position by position: penalties and min_tokens see the tokens before
+                (tok,), lp = self.sampler([seq], logits[i : i + 1])
             seq.num_computed += 1  # input i is a real token (the last one emitted): its K/V are final
             out = self._emit(seq, tok, lp.get(0), now)
             outputs.append(out)
