@@ -158,3 +158,14 @@ def test_sort_free_top_k_top_p_keeps_what_a_sort_keeps(scale):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     kept = torch.isfinite(got).sum(dim=-1)
     assert kept.min() >= 1 and kept.max() > 100, "both narrow and wide nuclei were exercised"
+
+
+def test_extreme_parameters_still_draw_a_likeliest_token():
+    """Found by the HTTP fuzz test: a denormal temperature or repetition penalty turns logits into
+    +inf; the draw must still return one of the tokens that overflowed, never crash."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0] + [0.0] * (V - 4)])
+    for params in (SamplingParams(temperature=5e-324, top_p=0.5), SamplingParams(temperature=5e-324),
+                   SamplingParams(temperature=1.0, repetition_penalty=5e-324, top_p=0.9, top_k=3)):
+        seq = row(params, prompt=[1, 2])
+        (tok,), _ = Sampler(V, "cpu")([seq], logits)
+        assert tok in (1, 2), (params, tok)

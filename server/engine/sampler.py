@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_LOGPROBS = 5  # OpenAI's completions API allows 0-5 top logprobs
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as in vLLM (in float32 they would divide by ~0)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device: torch.device | str, offset: int = 0) -> torch.Generator | None:
         """The sequence's private noise source (None for greedy). ``offset`` separates the n choices of one request."""
@@ -281,7 +282,8 @@ def sample(logits: torch.Tensor, batch: BatchSampling) -> torch.Tensor:
     if batch.sampled is None:
         return tokens
     sub = logits[batch.sampled].float() / batch.temperature[:, None]  # (S, V)
-    sub = apply_top_k_top_p(sub, batch.top_k, batch.top_p)
+    # a tiny temperature (or repetition penalty) overflows to +inf: those tokens tie at the largest float
+    sub = apply_top_k_top_p(sub.clamp_(max=torch.finfo(torch.float32).max), batch.top_k, batch.top_p)
     drawn = exponential_race(sub.softmax(dim=-1), batch.generators)
     return tokens.index_copy(0, batch.sampled, drawn)
 
