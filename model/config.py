@@ -48,6 +48,7 @@ class MeshConfig(PretrainedConfig):
     default_loops: int = 1
     mesh_slots: int | None = None  # None -> max_loops + 3
     scale_embeddings: bool = False  # multiply embeddings by sqrt(d) (the paper's choice; off for NeoX parity)
+    coda_read_routers: bool = False  # mesh: a final-read router per depth K for the coda's input
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -83,6 +84,10 @@ class MeshConfig(PretrainedConfig):
             bad(f"default_loops must be in [1, max_loops={self.max_loops}], got {self.default_loops!r}")
         if self.scheme == "mesh" and (not isinstance(self.mesh_slots, int) or self.mesh_slots < 2):
             bad(f"mesh_slots must be an integer >= 2, got {self.mesh_slots!r}")
+        if not isinstance(self.coda_read_routers, bool):
+            bad(f"coda_read_routers must be true or false, got {self.coda_read_routers!r}")
+        if self.coda_read_routers and self.scheme != "mesh":
+            bad(f"coda_read_routers needs the mesh scheme (a buffer to read), got scheme {self.scheme!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             bad(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if not 0.0 <= self.rotary_pct <= 1.0:

@@ -139,6 +139,10 @@ class Recurrence(nn.Module):
             n_pairs, d, s = config.max_loops + 1, config.hidden_size, config.mesh_slots
             self.write_routers = nn.ModuleList(nn.Linear(d, s) for _ in range(n_pairs))
             self.read_routers = nn.ModuleList(nn.Linear(d, s) for _ in range(n_pairs))
+            if config.coda_read_routers:
+                # coda_routers[K - 1] reads the coda's input at depth K, so read router K keeps one job
+                # (feeding core iteration K + 1) instead of also feeding the coda when a call stops at K.
+                self.coda_routers = nn.ModuleList(nn.Linear(d, s) for _ in range(config.max_loops))
 
     def _write_read(self, pair: int, mem: torch.Tensor, h_router: torch.Tensor, h_write: torch.Tensor):
         w_w = F.softmax(self.write_routers[pair](h_router), dim=-1)  # (B, T, S)
@@ -171,8 +175,12 @@ class Recurrence(nn.Module):
         return {"h": h_m}  # base
 
     def read_out(self, state: dict, loops: int) -> torch.Tensor:
-        """The coda's input after `loops` core iterations: h^(K), the last read."""
-        return state["h"]
+        """The coda's input after `loops` core iterations: h^(K), the last read, or with
+        config.coda_read_routers a read of the buffer by depth K's own router (input h^(K))."""
+        if not hasattr(self, "coda_routers"):
+            return state["h"]
+        w_r = F.softmax(self.coda_routers[loops - 1](state["h"]), dim=-1)  # (B, T, S)
+        return (w_r.unsqueeze(-2) @ state["mem"]).squeeze(-2)  # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------
