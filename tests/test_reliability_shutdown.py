@@ -77,6 +77,14 @@ class HalfSent:
         return status, json.loads(body)
 
 
+async def until_logged(server, text: str, timeout: float = 30.0) -> None:
+    """Waits until the server's log contains `text` (the timeout is a hang guard only)."""
+    deadline = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{server.log()}"
+        await asyncio.sleep(0.02)
+
+
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(serve, ckpt):
     server = serve(["--model", str(ckpt), "--shutdown-grace", "30", "--log-level", "info"], code=SLOW_STEPS)
     N = 160  # tokens per request: at least 1.6 s of decoding at >= 10 ms a step
@@ -92,7 +100,8 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(serve,
                 await e.wait()
             server.proc.send_signal(signal.SIGTERM)
             sent = time.perf_counter()
-            await asyncio.sleep(0.3)
+            await until_logged(server, "Shutting down")  # uvicorn closes its listening socket right after
+            await asyncio.sleep(0.1)
             try:  # a new connection
                 async with httpx.AsyncClient(base_url=server.url, timeout=5) as fresh:
                     fresh_answer = (await fresh.post("/v1/completions", json={**BODY, "max_tokens": 2})).status_code
