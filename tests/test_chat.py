@@ -88,7 +88,8 @@ def test_plain_template_for_a_base_model(app):
     ref, reliable = reference_greedy(engine.model, ids, 2, 10)
     assert reliable == 10, "the random test model has a near-tie: change the messages"
     assert choice["message"]["content"] == engine.decode(ref)
-    assert chat["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10}
+    assert chat["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10,
+                             "loop_steps": 10 * 2}
     assert engine.tokenizer.apply_chat_template(MESSAGES, chat_template=PLAIN_CHAT_TEMPLATE, tokenize=False,
                                                 add_generation_prompt=True) == prompt
 

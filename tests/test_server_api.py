@@ -74,7 +74,8 @@ def test_completion_shape_and_defaults(app, ckpt):
     assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
     assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] == "length"
     n_prompt = len(engine.encode(PROMPT))
-    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 16, "total_tokens": n_prompt + 16}  # max_tokens 16
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 16, "total_tokens": n_prompt + 16,
+                             "loop_steps": 16 * 2}  # max_tokens 16; each token ran 2 core iterations
     assert len(r.headers["x-request-id"]) == 32
 
 

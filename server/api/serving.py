@@ -132,7 +132,8 @@ class Job:
 
     def usage(self, final: bool = True) -> dict:
         done = sum(len(s.output_ids) for s in self.handle.seqs) if final else self.generated
-        return usage(sum(len(p) for p in self.prompts), done)
+        # loop_steps (an extension): core iterations the generated tokens cost, rejected drafts included
+        return {**usage(sum(len(p) for p in self.prompts), done), "loop_steps": sum(s.loop_steps for s in self.handle.seqs)}
 
     def chunk(self, choices: list[dict]) -> str:
         extra = {"usage": self.usage(final=False)} if self.continuous_usage else ({"usage": None} if self.include_usage else {})
