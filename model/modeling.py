@@ -407,7 +407,14 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
 
     def finish(self, state: dict, ctx: "LayerContext") -> torch.Tensor:
         """The recurrence state after K iterations -> coda output (B, T, D), before the final norm."""
-        h = self.recurrence.read_out(state, ctx.loops) if self.config.is_recursive else state["h"]
+        if not self.config.is_recursive:
+            h = state["h"]
+        elif ctx.row_loops is None or not self.config.coda_read_routers:
+            h = self.recurrence.read_out(state, ctx.loops)
+        else:  # per-depth final reads: each group of equal depth (rows are sorted) reads with its own router
+            groups = [(k, ctx.row_loops.index(k), len(ctx.row_loops) - ctx.row_loops[::-1].index(k))
+                      for k in dict.fromkeys(ctx.row_loops)]
+            h = torch.cat([self.recurrence.read_out({n: v[a:b] for n, v in state.items()}, k) for k, a, b in groups])
         return self._run(self.coda, h, ctx, "coda")
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:

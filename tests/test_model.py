@@ -494,3 +494,14 @@ def test_stages_compose_to_forward(case):
         state = m.iterate(state, d, K, ctx)
         logits = m.compute_logits(m.finish(state, ctx))
         assert torch.equal(logits, ref), (case, d)
+
+
+@torch.inference_mode()
+def test_per_depth_coda_reads_in_a_mixed_depth_batch():
+    """With coda_read_routers each row of a mixed-depth batch reads the coda's input with its own depth's
+    router: the batch equals every row run alone."""
+    m = build("1+1R2+1", "mesh", coda_read_routers=True)
+    ids = rand_ids(3, 6)
+    mixed = m(ids, loops=[3, 2, 1], use_cache=False).logits
+    for i, k in enumerate([3, 2, 1]):
+        torch.testing.assert_close(m(ids[i : i + 1], loops=k, use_cache=False).logits, mixed[i : i + 1], atol=1e-5, rtol=0)
