@@ -13,6 +13,7 @@ same argmax, so they agree up to near-ties (float differences between batched an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -27,30 +28,24 @@ ID_TO_CHAR = {i: c for c, i in chains.VOCAB.items()}
 
 
 @torch.no_grad()
-def accuracy_table(model, hops_list, loops_list, n: int, split: str = "test", seed: int = 0, device=None, batch: int = 64) -> dict:
-    """{hops: {loops: accuracy}} over n problems per hop count; one pass per batch gives every depth."""
+def model_answers(model, prompts: list[str], loops_list, batch: int = 64) -> dict[int, list[str]]:
+    """{loops: the greedy next character after each prompt}; one pass per batch gives every depth."""
     from .train import depth_logits
 
     was_training = model.training
     model.eval()
-    device = device or next(model.parameters()).device
-    table = {}
-    for hops in hops_list:
-        problems = chains.eval_problems(split, seed, hops, n)
-        correct = dict.fromkeys(loops_list, 0)
-        for i in range(0, n, batch):
-            group = problems[i : i + batch]
-            ids = [chains.encode(p.prompt()) for p in group]
-            x = torch.full((len(ids), max(map(len, ids))), chains.PAD_ID)  # right padding: causal attention never sees it
-            for r, row in enumerate(ids):
-                x[r, : len(row)] = torch.tensor(row)
-            last = torch.tensor([len(row) - 1 for row in ids])
-            for k, logits in depth_logits(model, x.to(device), list(loops_list)).items():
-                picked = logits[torch.arange(len(ids)), last.to(device)].argmax(-1).tolist()
-                correct[k] += sum(ID_TO_CHAR.get(t) == str(p.values[p.target]) for t, p in zip(picked, group))
-        table[hops] = {k: correct[k] / n for k in loops_list}
+    device = next(model.parameters()).device
+    out = {k: [] for k in loops_list}
+    for i in range(0, len(prompts), batch):
+        ids = [chains.encode(p) for p in prompts[i : i + batch]]
+        x = torch.full((len(ids), max(map(len, ids))), chains.PAD_ID)  # right padding: causal attention never sees it
+        for r, row in enumerate(ids):
+            x[r, : len(row)] = torch.tensor(row)
+        last = torch.tensor([len(row) - 1 for row in ids], device=device)
+        for k, logits in depth_logits(model, x.to(device), list(loops_list)).items():
+            out[k] += [ID_TO_CHAR.get(t, "") for t in logits[torch.arange(len(ids), device=device), last].argmax(-1).tolist()]
     model.train(was_training)
-    return table
+    return out
 
 
 def _post(url: str, body: dict, timeout: float) -> dict:
@@ -69,7 +64,7 @@ def _post(url: str, body: dict, timeout: float) -> dict:
         raise UsageError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
 
 
-def served_model(base: str, timeout: float) -> str:
+def served_model(base: str, timeout: float = 60.0) -> str:
     try:
         with urllib.request.urlopen(f"{base}/v1/models", timeout=timeout) as r:
             return json.loads(r.read())["data"][0]["id"]
@@ -77,8 +72,8 @@ def served_model(base: str, timeout: float) -> str:
         raise UsageError(f"cannot list models at {base}/v1/models: {getattr(e, 'reason', e)}") from None
 
 
-def http_table(base: str, hops_list, loops_list, n: int, split: str = "test", seed: int = 0, workers: int = 8, timeout: float = 60.0) -> dict:
-    """The same table from a running server: one /v1/completions request per problem and depth."""
+def http_answers(base: str, prompts: list[str], loops_list, workers: int = 8, timeout: float = 60.0) -> dict[int, list[str]]:
+    """The same answers from a running server: the first character of a one-token greedy completion."""
     base = base.rstrip("/")
     name = served_model(base, timeout)
 
@@ -86,14 +81,18 @@ def http_table(base: str, hops_list, loops_list, n: int, split: str = "test", se
         body = {"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0, "loops": loops}
         return _post(f"{base}/v1/completions", body, timeout)["choices"][0]["text"][:1]
 
-    table = {}
     with ThreadPoolExecutor(workers) as pool:
-        for hops in hops_list:
-            problems = chains.eval_problems(split, seed, hops, n)
-            table[hops] = {}
-            for k in loops_list:
-                got = pool.map(lambda p: answer(p.prompt(), k), problems)
-                table[hops][k] = sum(a == str(p.values[p.target]) for a, p in zip(got, problems)) / n
+        return {k: list(pool.map(lambda p: answer(p, k), prompts)) for k in loops_list}
+
+
+def accuracy_table(answer_fn, hops_list, loops_list, n: int, split: str = "test", seed: int = 0) -> dict:
+    """{hops: {loops: accuracy}} over n problems per hop count; ``answer_fn(prompts, loops_list)``
+    is `model_answers` or `http_answers` with its first argument bound."""
+    table = {}
+    for hops in hops_list:
+        problems = chains.eval_problems(split, seed, hops, n)
+        got = answer_fn([p.prompt() for p in problems], loops_list)
+        table[hops] = {k: sum(a == str(p.values[p.target]) for a, p in zip(got[k], problems)) / n for k in loops_list}
     return table
 
 
@@ -130,15 +129,16 @@ def main(argv=None) -> int:
         hops = parse_int_list(args.hops, "--hops", 1, chains.MAX_HOPS)
         if args.url:
             loops = parse_int_list(args.loops, "--loops", 1)
-            table = http_table(args.url, hops, loops, args.n, args.split, args.seed, args.workers)
+            answer_fn = functools.partial(http_answers, args.url, workers=args.workers)
             source = args.url
         else:
             from .evaluate import load_model
 
             model, directory = load_model(args.model, pick_device(args.device))
             loops = parse_int_list(args.loops, "--loops", 1, model.config.max_loops)
-            table = accuracy_table(model, hops, loops, args.n, args.split, args.seed)
+            answer_fn = functools.partial(model_answers, model)
             source = str(directory)
+        table = accuracy_table(answer_fn, hops, loops, args.n, args.split, args.seed)
         if args.json:
             out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
             print(json.dumps(out, indent=2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -579,10 +580,10 @@ def run_eval(run: Run, bar) -> None:
         rec = {"eval": {str(k): v for k, v in run.last_eval.items()}, "nats_per_char": run.source.nats_per_char(run.last_eval)}
         line = "val loss " + "  ".join(f"K={k} {v:.4f}" for k, v in run.last_eval.items())
     else:
-        from .evaluate_chains import accuracy_table
+        from .evaluate_chains import accuracy_table, model_answers
 
         hops = list(range(1, run.source.c["max_hops"] + 1))
-        table = accuracy_table(run.raw, hops, loops, tc.eval_windows, "val", tc.seed, run.device)
+        table = accuracy_table(functools.partial(model_answers, run.raw), hops, loops, tc.eval_windows, "val", tc.seed)
         run.last_eval = {str(h): {str(k): a for k, a in row.items()} for h, row in table.items()}
         rec = {"accuracy": run.last_eval}
         line = "val accuracy at K=max: " + " ".join(f"{h}h {row[max(loops)]:.2f}" for h, row in table.items())

@@ -1,0 +1,114 @@
+"""The chains task: line format, hop counting, disjoint splits, training rows, the character tokenizer."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from training.common import UsageError, parse_int_list
+from training.tasks import chains
+
+LINE = re.compile(r"^[a-z]=(?:[0-9]|[a-z][+-][0-9])(?:;[a-z]=(?:[0-9]|[a-z][+-][0-9]))*(?:;\?[a-z]=[0-9])+\n$")
+
+
+def solve(text: str) -> tuple[dict, dict]:
+    """Values and hop counts of every variable of ``a=3;b=a+4;...``, computed from the text alone."""
+    rhs = {}
+    for a in text.split(";"):
+        var, expr = a.split("=")
+        assert var not in rhs, f"{var} assigned twice in {text}"
+        rhs[var] = expr
+    values, hops = {}, {}
+
+    def walk(v):
+        if v not in values:
+            e = rhs[v]
+            if e.isdigit():
+                values[v], hops[v] = int(e), 1
+            else:
+                walk(e[0])
+                d = int(e[2]) if e[1] == "+" else -int(e[2])
+                values[v], hops[v] = (values[e[0]] + d) % 10, hops[e[0]] + 1
+        return values[v]
+
+    for v in rhs:
+        walk(v)
+    return values, hops
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3, 5, 8])
+def test_lines_have_the_format_and_the_hop_count_asked_for(hops):
+    for i in range(40):
+        p = chains.make_problem(chains.rng_for("test", 0, i), hops)
+        line = p.line()
+        assert LINE.match(line), line
+        values, hop_of = solve(p.text)
+        assert hop_of[p.target] == hops and values == p.values and hop_of == p.hops
+        assert line.endswith(f";?{p.target}={values[p.target]}\n")
+        roots = [a for a in p.assignments if a[2:].isdigit()]  # one literal per chain
+        assert 3 <= len(roots) <= 5  # the main chain and 2-4 distractors
+        assert all(hop_of[v] <= hops for v in hop_of)
+
+
+def test_prompt_is_the_line_up_to_the_answer():
+    p = chains.make_problem(chains.rng_for("val", 3, 7), 4)
+    assert p.line() == p.prompt() + str(p.values[p.target]) + "\n"
+
+
+def test_splits_and_seeds_give_disjoint_problems():
+    prompts = {s: {p.prompt() for p in chains.eval_problems(s, 0, 3, 300)} for s in chains.SPLIT_SEEDS}
+    assert all(len(v) == 300 for v in prompts.values())
+    assert not prompts["train"] & prompts["val"] and not prompts["val"] & prompts["test"] and not prompts["train"] & prompts["test"]
+    assert chains.eval_problems("test", 0, 3, 5)[0].text == chains.eval_problems("test", 0, 3, 5)[0].text  # reproducible
+    assert chains.eval_problems("test", 1, 3, 5)[0].text != chains.eval_problems("test", 0, 3, 5)[0].text
+    with pytest.raises(ValueError, match="split must be one of"):
+        chains.rng_for("dev", 0, 0)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_training_queries_put_the_deepest_first(replace):
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        p = chains.make_problem(rng, 5)
+        q = chains.training_queries(rng, p, 8, replace)
+        depths = [p.hops[v] for v in q]
+        assert p.target in q and depths == sorted(depths, reverse=True)
+        # No query is written after one of its own dependencies' answers: dependencies have fewer hops.
+        assert len(q) == (8 if replace else min(8, len(p.values)))
+        if not replace:
+            assert len(set(q)) == len(q)
+
+
+def test_training_rows_label_only_answer_digits():
+    rng = np.random.default_rng(1)
+    ids, labels, label_hops = chains.training_row(rng, 4, 6)
+    text = "".join(chains.ALPHABET[i - len(chains.SPECIAL)] for i in ids)
+    labelled = [i for i, t in enumerate(labels) if t != chains.IGNORE]
+    assert len(labelled) == len(label_hops) == 6
+    assert all(text[i] == "=" and text[i - 2] == "?" for i in labelled)  # the '=' of each "?x=" predicts
+    values, hops = solve(text.split(";?")[0])
+    for i, h in zip(labelled, label_hops):
+        var = text[i - 1]
+        assert labels[i] == chains.VOCAB[str(values[var])] and h == hops[var]
+
+
+def test_character_tokenizer_matches_encode():
+    tok = chains.char_tokenizer()
+    line = "c=a+4;a=3;b=c-1;?b=6\n"
+    assert tok(line, add_special_tokens=False)["input_ids"] == chains.encode(line)
+    assert tok.decode(chains.encode(line)) == line
+    assert tok("A", add_special_tokens=False)["input_ids"] == [chains.UNK_ID]  # unknown characters do not fail
+    assert len(set(chains.VOCAB.values())) == len(chains.VOCAB) == len(chains.SPECIAL) + len(chains.ALPHABET)
+
+
+def test_ranges_and_lists():
+    assert parse_int_list("1-3,6", "--hops") == [1, 2, 3, 6]
+    assert parse_int_list("5", "--loops", 1, 6) == [5]
+    with pytest.raises(UsageError, match="--loops 7 is outside"):
+        parse_int_list("1-7", "--loops", 1, 6)
+    with pytest.raises(UsageError, match="range '4-2' is empty"):
+        parse_int_list("4-2", "--hops")
+    with pytest.raises(UsageError, match="expects integers"):
+        parse_int_list("one", "--hops")
