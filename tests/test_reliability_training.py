@@ -1,5 +1,5 @@
 """Training survives `kill -9`: a real `python -m training.train` subprocess is SIGKILLed while it writes
-a checkpoint (twice: before any checkpoint is complete, then mid-run), and the same command rerun
+a checkpoint (twice: inside its very first checkpoint write, then mid-run), and the same command rerun
 resumes from the last complete checkpoint, never reads the half-written one, and ends with exactly
 the losses of an uninterrupted run started next to it.
 """
@@ -34,6 +34,31 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+# The same training command, but the process stops itself (SIGSTOP) inside its first checkpoint write,
+# after the weights went to the temp dir and before it is renamed into place, so the kill lands there
+# on any machine, however fast or busy.
+STOP_IN_FIRST_WRITE = """
+import os, signal, sys
+from training import checkpoint, train
+copy = checkpoint.copy_tokenizer
+def stop_then_copy(src, dst):
+    os.kill(os.getpid(), signal.SIGSTOP)
+    copy(src, dst)
+checkpoint.copy_tokenizer = stop_then_copy
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint write"
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return
+        time.sleep(0.01)
+    raise AssertionError("the run never reached its first checkpoint write")
+
+
 def kill_while_writing(proc: subprocess.Popen, run: Path, after_step: int, timeout: float = 120) -> None:
     """SIGKILLs `proc` as soon as a checkpoint later than `after_step` is half-written (its temp dir exists)."""
     ckpts = run / "checkpoints"
@@ -63,17 +88,19 @@ def test_training_survives_kill_9_and_matches_an_uninterrupted_run(tmp_path):
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
     reference = start(train_cmd(data, ref), tmp_path / "ref.log")  # runs alongside the killed one
 
-    # 1. Killed while writing its very first checkpoint: nothing complete yet, so the rerun starts over.
-    proc = start(train_cmd(data, run), tmp_path / "1.log")
-    kill_while_writing(proc, run, after_step=0)
-    first = latest_checkpoint(run)  # None, unless a very busy machine let the first write finish unseen
-    half = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
-    assert half, "the kill landed inside a checkpoint write"
+    # 1. Killed inside its very first checkpoint write: nothing complete yet, so the rerun starts over.
+    proc = start([sys.executable, "-c", STOP_IN_FIRST_WRITE, *train_cmd(data, run)[3:]], tmp_path / "1.log")
+    wait_stopped(proc)
+    half = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-step-0000001-")]
+    assert half and (run / "checkpoints" / half[0] / "model.safetensors").is_file(), "stopped mid-write"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert latest_checkpoint(run) is None and not (run / "latest").exists()
 
     # 2. The same command: starts from scratch (no complete checkpoint); killed again inside a later write.
     proc = start(train_cmd(data, run), tmp_path / "2.log")
     kill_while_writing(proc, run, after_step=8)
-    assert ("resuming from" in (tmp_path / "2.log").read_text()) == (first is not None)
+    assert "resuming from" not in (tmp_path / "2.log").read_text()
     last = latest_checkpoint(run)
     assert last is not None and 8 <= int(last.name.split("-")[1]) < STEPS
 
