@@ -46,10 +46,10 @@ def test_two_process_ddp_then_fsdp_matches_one_process(tmp_path):
     base = ["--config", str(TINY), "--data", str(data), "--out", str(multi), "--quiet", *STEPS]
     ddp = torchrun(base + ["--stop-after-steps", "5"])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "2 process(es) on cpu, batch 8 x 32 (micro 4" in ddp.stdout
+    assert "2 process(es) on cpu with DDP, batch 8 x 32 (micro 4" in ddp.stdout
     fsdp = torchrun(base + ["--set", 'train.parallel="fsdp"'])
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    assert "resuming from" in fsdp.stdout
+    assert "resuming from" in fsdp.stdout and "2 process(es) on cpu with FSDP" in fsdp.stdout
 
     got_steps, got_evals = records(multi)
     want_steps, want_evals = records(single)
@@ -57,6 +57,7 @@ def test_two_process_ddp_then_fsdp_matches_one_process(tmp_path):
     assert [r["loops"] for r in got_steps] == [r["loops"] for r in want_steps]  # every rank drew the same depth
     # Two half-batches averaged by all-reduce vs one full batch: equal up to float rounding.
     np.testing.assert_allclose([r["loss"] for r in got_steps], [r["loss"] for r in want_steps], rtol=1e-5)
+    assert [e["step"] for e in got_evals] == [e["step"] for e in want_evals] == [5, 10]  # one eval under each wrapper
     for g, w in zip(got_evals, want_evals):
         np.testing.assert_allclose(list(g["eval"].values()), list(w["eval"].values()), rtol=1e-5)
     assert got_steps[-1]["loss"] < got_steps[0]["loss"] - 1.0

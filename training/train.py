@@ -488,11 +488,19 @@ def describe(run: Run) -> str:
     tc, c = run.tc, run.raw.config
     return (
         f"model {c.layout} ({c.scheme}, max_loops {c.max_loops}): {run.raw.num_parameters(exclude_embeddings=True):,} non-embedding parameters, "
-        f"{run.raw.num_parameters():,} total | {run.dd.world} process(es) on {run.device.type}, batch {tc.batch_size} x {tc.seq_len} "
+        f"{run.raw.num_parameters():,} total | {run.dd.world} process(es) on {run.device.type}"
+        + (f" with {wrapper_name(run.model)}" if run.dd.enabled else "")
+        + f", batch {tc.batch_size} x {tc.seq_len} "
         f"(micro {run.micro}, accumulation {run.accum}), depth sampling {tc.depth_sampling}"
         + (f", losses at every depth" if tc.depth_losses == "all" else "")
         + (f" | resuming from {run.resumed_from}" if run.resumed_from else "")
     )
+
+
+def wrapper_name(model) -> str:
+    """What the model object really is (fully_shard turns the class into FSDP<name>), not what the config asked."""
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    return "DDP" if name == "DistributedDataParallel" else "FSDP" if name.startswith("FSDP") else name
 
 
 def train_step(run: Run):
