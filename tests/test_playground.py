@@ -136,7 +136,11 @@ def test_a_server_with_a_key(browser, serve, ckpt):
     assert browser.execute_script("return window.localStorage.length + document.cookie.length") == 0, "the key is not stored"
 
 
-def test_no_ui_flag(monkeypatch):
+def test_no_ui_turns_the_playground_off(monkeypatch, serve, ckpt):
     assert cli.parse_args(["--no-ui"]).no_ui and not cli.parse_args([]).no_ui
     monkeypatch.setenv("MESH_NO_UI", "1")
     assert cli.parse_args([]).no_ui
+    monkeypatch.delenv("MESH_NO_UI")
+    server = serve(["--model", str(ckpt), "--no-ui"])
+    assert httpx.get(server.url + "/").status_code == 404 and httpx.get(server.url + "/static/app.js").status_code == 404
+    assert httpx.get(server.url + "/docs").status_code == 200, "/docs stays"
