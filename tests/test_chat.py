@@ -25,7 +25,8 @@ from server_fixtures import build_checkpoint, reference_greedy, one_torch_thread
 NAME = "tiny"
 MESSAGES = [{"role": "system", "content": "Speak plainly."}, {"role": "user", "content": "Who are you?"},
             {"role": "assistant", "content": "A citizen."}, {"role": "user", "content": "Speak!"}]
-TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+TEMPLATE = ("{% if messages[-1].role == 'assistant' %}{{ raise_exception('the last message must not be the assistant') }}"
+            "{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
@@ -102,6 +103,9 @@ def test_the_models_chat_template_is_used(templated):
                                   "temperature": 0, "ignore_eos": True, "loops": 3}, "/v1/completions").json()
     assert chat["usage"]["prompt_tokens"] == len(engine.encode(prompt, add_special_tokens=False))
     assert chat["choices"][0]["message"]["content"] == completion["choices"][0]["text"] and chat["loops"] == 3
+    refused = post(templated, {"messages": MESSAGES[:3], "max_tokens": 2})  # the template's own raise_exception
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+    assert "must not be the assistant" in refused.json()["error"]["message"]
 
 
 def test_streaming_matches_and_has_the_chunk_shape(app):

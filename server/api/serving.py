@@ -16,6 +16,7 @@ import dataclasses
 import json
 import time
 
+import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -71,8 +72,11 @@ def chat_prompt(tokenizer, messages) -> tuple[str, bool]:
     model's own template writes the ones it wants)."""
     convo = [{"role": m.role, "content": m.text()} for m in messages]
     template = getattr(tokenizer, "chat_template", None)
-    text = tokenizer.apply_chat_template(convo, chat_template=template or PLAIN_CHAT_TEMPLATE, tokenize=False,
-                                         add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(convo, chat_template=template or PLAIN_CHAT_TEMPLATE, tokenize=False,
+                                             add_generation_prompt=True)
+    except jinja2.TemplateError as e:  # the model's template refuses this conversation (raise_exception)
+        raise ApiError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     return text, not template
 
 
