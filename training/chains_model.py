@@ -1,0 +1,133 @@
+"""Builds the chains model (model/chains) end to end: train -> evaluate -> export -> card.
+
+    python -m training.chains_model --out model/chains      (= make train-chains)
+
+Checkpoints and metrics go to ``--work`` (default runs/chains); rerunning the command resumes
+training from there. The export holds what serving needs (config.json, generation_config.json,
+model.safetensors, the character tokenizer) plus MODEL_CARD.md and eval.json with the accuracy by
+hop count x loops on held-out (test split) problems. ``default_loops`` is set to max_loops: the
+depth that follows the most hops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, read_summary
+from .common import UsageError, fsync_tree, replace_dir_atomic, run_cli
+from .config import load_config
+from .default_model import config_block, export
+from .evaluate import load_model
+from .evaluate_chains import accuracy_table, format_table, model_answers
+from .train import train
+
+CHAINS_CONFIG = Path(__file__).parent / "configs" / "chains.toml"
+MAX_BYTES = 10 * 1000 * 1000
+EVAL_PROBLEMS = 200  # per hop count
+
+
+def model_card(*, command: str, config: dict, summary: dict, table: dict, eval_command: str, n_params: int, size: int) -> str:
+    tc = summary["config"]["train"]
+    data = summary["config"]["data"]
+    loops = list(next(iter(table.values())))
+    wall = summary.get("wall_time_s", summary["train_time_s"])
+    return f"""# MeSH chains model: multi-hop variable chains, more loops for more hops
+
+A tiny MeSH recursive transformer (arXiv 2510.07739) that answers variable-chain problems
+(training/tasks/chains.py), e.g. `c=a+4;a=3;b=c-1;?b=` -> `6`. A k-hop answer needs k sequential
+lookups, and each loop adds {config['n_core']} core layer applications, so deeper requests can follow longer chains.
+Serve it with `python -m server --model model/chains` and ask with `"loops": 1..{config['max_loops']}`, `"max_tokens": 1`.
+
+- Architecture: GPT-NeoX blocks, {config['n_prelude']} prelude + {config['n_core']} core (looped 1..{config['max_loops']} times) + {config['n_coda']} coda,
+  MeSH memory with {config['mesh_slots']} slots, d={config['hidden_size']}, {config['num_attention_heads']} heads, rotary_pct {config['rotary_pct']:g},
+  coda read routers per depth: {config.get('coda_read_routers', False)}, embeddings scaled by sqrt(d): {config.get('scale_embeddings', False)}.
+- Parameters: {n_params:,} (float32, {size / 1e6:.2f} MB on disk). Tokenizer: one token per character (no BOS).
+- Training: {summary['step']:,} steps of {tc['batch_size']} generated lines ({data.get('queries')} queries each, loss on answer digits only),
+  a loss at every depth 1..K each step (train.depth_losses = {tc['depth_losses']!r}), K capped at {data.get('loops_per_hop')} x the curriculum's hop count;
+  the curriculum adds a hop count once first-answer accuracy at the deepest depth reaches {data.get('advance_at')}.
+  AdamW (0.9, 0.95), wd {tc['weight_decay']}, lr {tc['lr']} (constant after {tc['warmup_steps']} warmup steps), seed {tc['seed']}.
+- Training time: {summary['train_time_s'] / 60:.1f} min of optimizer steps ({wall / 60:.1f} min wall clock with evals and checkpoints)
+  on a 2-core CPU shared with other jobs, 1 torch thread.
+
+## Accuracy by hop count x loops
+
+`{eval_command}` ({EVAL_PROBLEMS} held-out test problems per hop count; chance is about 10%):
+
+{format_table(table)}
+
+## Reproduce
+
+```bash
+{command}
+```
+
+with training/configs/chains.toml:
+
+```toml
+[data]
+{chr(10).join(f"{k} = {json.dumps(v)}" for k, v in data.items())}
+
+{config_block(summary['config'])}
+```
+
+Rerunning it resumes from its work directory. Loops = {max(loops)} is the default depth.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.chains_model", description="Train, evaluate and export the chains model (make train-chains).")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the exported model goes (model/chains)")
+    p.add_argument("--config", default=str(CHAINS_CONFIG), metavar="TOML", help="training config (default: configs/chains.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--work", default="runs/chains", metavar="DIR", help="checkpoints and metrics (default runs/chains); reruns resume from it")
+    p.add_argument("--eval-only", action="store_true", help="export the latest checkpoint of --work without training further")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body():
+        cfg = load_config(args.config, args.set)
+        work, out = Path(args.work), Path(args.out)
+        if not args.eval_only:
+            train(cfg, work, progress=not args.quiet)
+        ckpt = latest_checkpoint(work)
+        if ckpt is None:
+            raise UsageError(f"no checkpoint in {work}")
+        summary = read_summary(ckpt)
+        model, _ = load_model(ckpt, torch.device("cpu"))
+        c = model.config
+        hops, loops = list(range(1, int(summary["config"]["data"].get("max_hops", 8)) + 1)), list(range(1, c.max_loops + 1))
+        table = accuracy_table(lambda ps, ks: model_answers(model, ps, ks), hops, loops, EVAL_PROBLEMS)
+
+        tmp = export(ckpt, out, c.max_loops)
+        gen = {"do_sample": False, "max_new_tokens": 1, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        command = "make train-chains  # = " + shlex.join(["python", "-m", "training.chains_model", *(argv if argv is not None else sys.argv[1:])])
+        eval_command = f"python -m training.evaluate_chains --model {out} --loops 1-{c.max_loops} --hops 1-{max(hops)} --n {EVAL_PROBLEMS}"
+        card = model_card(command=command, config=config, summary=summary, table=table, eval_command=eval_command, n_params=model.num_parameters(), size=size)
+        (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+        result = {"split": "test", "n": EVAL_PROBLEMS, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
+        (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        fsync_tree(tmp)
+        replace_dir_atomic(tmp, out)
+        print(format_table(table))
+        print(f"exported {out} ({size / 1e6:.2f} MB, default_loops {c.max_loops})")
+        if size > MAX_BYTES:
+            print(f"warning: {out} is {size / 1e6:.1f} MB, over the 10 MB budget", file=sys.stderr)
+
+    return run_cli("chains_model", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
