@@ -8,7 +8,7 @@ SHAKESPEARE ?= ../shared/data/tinyshakespeare.txt
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: setup test test-fast serve train-default bench bench-quick soak ablation ablation-quick clean
+.PHONY: setup test test-fast serve train-default train-chains bench bench-quick soak ablation ablation-quick clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ serve: setup
 
 train-default: setup
 	$(PYTHON) -m training.default_model --text $(SHAKESPEARE) --out model/default
+
+# The chains model (docs/DEPTH.md): generated problems, no data file; rerunning resumes from runs/chains.
+train-chains: setup
+	$(PYTHON) -m training.chains_model --out model/chains
 
 bench: setup
 	$(PYTHON) -m benchmarks.run --out docs/benchmarks.json
