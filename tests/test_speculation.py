@@ -10,6 +10,7 @@ A tiny random checkpoint on CPU (tests/server_fixtures.py), the engine stepped i
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server import Engine, EngineConfig, SamplingParams
 from server_fixtures import reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
@@ -26,12 +27,13 @@ def run_all(engine):
 
 
 def test_greedy_speculation_matches_generate_in_a_mixed_batch(ckpt):
-    """Depths 1..4 with d = 1 (depth-1 rows cannot draft) and a seeded sampled row (greedy rows draft,
-    sampled ones decode plainly): every greedy row equals generate(), the sampled row equals its text with
-    speculation off, and loop_steps counts the drafts' iterations and the verify passes'."""
+    """Depths 1..4 with d = 1 (depth-1 rows cannot draft) and a seeded, penalized sampled row (which
+    decodes plainly: its penalties would have to see the drafts): every greedy row equals generate(), the
+    sampled row equals its text with speculation off, and loop_steps counts the drafts' iterations and the
+    verify passes'."""
     eng = Engine(EngineConfig(model=ckpt, speculative_loops=1, num_speculative_tokens=3), metrics=False)
     seqs = [(p, k, eng.add_request([eng.encode(p)], GREEDY, loops=k)[0]) for k in (4, 1, 3, 2) for p in PROMPTS]
-    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True, presence_penalty=0.5)
     (sampled,) = eng.add_request([eng.encode(PROMPTS[0])], seeded, loops=4)
     run_all(eng)
     for p, k, seq in seqs:
@@ -96,3 +98,54 @@ def test_speculation_settings_are_checked(ckpt):
         Engine(EngineConfig(model=ckpt, speculative_loops=4), metrics=False)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(speculative_loops=1, num_speculative_tokens=0)
+
+
+def chi_square_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """p-value of the chi-square homogeneity test of two count vectors over the same bins."""
+    keep = (a + b) > 0
+    table = torch.stack([a[keep], b[keep]]).double()  # (2, bins)
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    stat = ((table - expected) ** 2 / expected).sum()
+    dof = keep.sum().item() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2))
+
+
+def bigram_counts(engine, prompts, loops: int, seed0: int, vocab: int) -> torch.Tensor:
+    seqs = []
+    for i, ids in enumerate(prompts):
+        seqs += engine.add_request([ids], SamplingParams(temperature=1.0, seed=seed0 + i, max_tokens=25, ignore_eos=True,
+                                                         detokenize=False), loops=loops)
+    run_all(engine)
+    counts = torch.zeros(vocab * vocab)
+    for s in seqs:
+        toks = s.prompt_ids[-1:] + s.output_ids
+        for a, b in zip(toks, toks[1:]):
+            counts[a * vocab + b] += 1
+    return counts, seqs
+
+
+def test_speculative_sampling_keeps_the_depth_k_distribution(ckpt):
+    """Temperature 1 on an 8-token vocabulary: 10,000 tokens sampled with speculation (drafts at depth 1,
+    accept/reject at depth 3) and 10,000 without; a chi-square test on the 64 bigram bins cannot tell them
+    apart (p > 0.01), while it does tell depth-3 sampling from depth-1 sampling (the test has power)."""
+    from transformers import AutoTokenizer
+
+    from model import MeshConfig, MeshForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MeshConfig.from_layout("1+1R2+1", scheme="mesh", max_loops=4, hidden_size=32, num_attention_heads=4,
+                                 intermediate_size=64, vocab_size=8, initializer_range=0.3, max_position_embeddings=64)
+    model, tok = MeshForCausalLM(cfg).eval(), AutoTokenizer.from_pretrained(str(ckpt))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 8, (3,), generator=gen).tolist() for _ in range(400)]
+    spec = Engine(EngineConfig(speculative_loops=1, num_speculative_tokens=3, max_batch_size=400, max_waiting=400,
+                               max_num_batched_tokens=1600), model=model, tokenizer=tok, metrics=False)
+    plain = Engine(EngineConfig(max_batch_size=400, max_waiting=400, max_num_batched_tokens=1600), model=model,
+                   tokenizer=tok, metrics=False)
+    with_spec, seqs = bigram_counts(spec, prompts, 3, 10**6, 8)
+    without, _ = bigram_counts(plain, prompts, 3, 0, 8)
+    shallow, _ = bigram_counts(plain, prompts, 1, 2 * 10**6, 8)
+    drafted, accepted = sum(s.num_drafted for s in seqs), sum(s.num_accepted for s in seqs)
+    assert with_spec.sum() == without.sum() == 10_000 and 0 < accepted < drafted
+    assert chi_square_p(with_spec, without) > 0.01
+    assert chi_square_p(shallow, without) < 0.01

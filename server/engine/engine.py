@@ -36,7 +36,7 @@ from .kv_cache import PagedKVCache
 from .loading import load_checkpoint
 from .metrics import Metrics
 from .model_runner import ModelRunner, RunOutput
-from .sampler import Sampler, SamplingParams, token_logprobs
+from .sampler import Sampler, SamplingParams, distribution, exponential_race, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status, StepOutput
 
@@ -349,30 +349,39 @@ class Engine:
         """Starts a speculation round for a decoding greedy row deeper than the draft depth. Whether a row
         drafts depends only on its own request, never on the batch."""
         d, left = self.config.speculative_loops, seq.params.max_tokens - len(seq.output_ids)
-        if seq.spec_tokens or seq.loops <= d or not seq.params.greedy or left < 2:
+        # penalized sampled rows decode plainly: their penalties would have to see the drafts
+        if seq.spec_tokens or seq.loops <= d or left < 2 or (not seq.params.greedy and seq.params.penalized):
             return
         seq.spec_tokens = min(self.config.num_speculative_tokens, left)
 
     def _record_drafts(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """A draft token per row: the depth-d argmax (drafts only need to be likely; verify decides)."""
-        for seq, tok in zip(seqs, logits.argmax(dim=-1).tolist()):
+        """A draft token per row: the depth-d argmax for greedy rows (verify decides); for sampled rows a
+        draw from the depth-d distribution q, kept for the accept/reject rule."""
+        for seq, row, tok in zip(seqs, logits, logits.argmax(dim=-1).tolist()):
+            if not seq.params.greedy:
+                q = distribution(seq, row[None], seq.output_ids + seq.draft_ids, self.vocab_size, self.eos_token_id)
+                tok = int(exponential_race(q, [seq.generator])[0])
+                seq.draft_probs.append(q[0])
             seq.draft_ids.append(tok)
             seq.loop_steps += self.config.speculative_loops
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[StepOutput]:
         """Accepts the longest prefix of drafts that depth-K decoding would have produced: position i's
-        depth-K choice (the sampler, with the history so far) is emitted; a choice that differs from draft
-        i is the correction and ends the round. Stops and max_tokens cut where plain decoding would."""
+        depth-K choice (greedy rows: the sampler, with the history so far; sampled rows: the accept/reject
+        rule) is emitted; a choice that differs from draft i is the correction and ends the round. Stops
+        and max_tokens cut where plain decoding would."""
         g, d = seq.spec_tokens, self.config.speculative_loops
         seq.loop_steps += (seq.loops - d) * g
         seq.num_drafted += g
         outputs, accepted, now = [], 0, time.perf_counter()
-        plain = seq.params.logprobs is None and not seq.params.penalized and not seq.params.logit_bias and \
-            len(seq.output_ids) >= seq.params.min_tokens
+        plain = seq.params.greedy and seq.params.logprobs is None and not seq.params.penalized and \
+            not seq.params.logit_bias and len(seq.output_ids) >= seq.params.min_tokens
         choices = logits.argmax(dim=-1).tolist() if plain else None  # greedy with nothing to adjust: one argmax
         for i in range(g):
             if plain:
                 tok, lp = choices[i], {}
+            elif not seq.params.greedy:
+                tok, lp = self._accept_or_resample(seq, i, logits[i : i + 1])
             else:  # the sampler, position by position: penalties and min_tokens see the tokens before
                 (tok,), lp = self.sampler([seq], logits[i : i + 1])
             seq.num_computed += 1  # input i is a real token (the last one emitted): its K/V are final
@@ -392,6 +401,27 @@ class Engine:
             self.blocks.commit(seq)
             self.blocks.trim(seq, seq.num_computed + 1)  # blocks of rejected positions go back
         return outputs
+
+    def _accept_or_resample(self, seq: Sequence, i: int, logits: torch.Tensor) -> tuple[int, dict]:
+        """Speculative sampling (Leviathan et al., Chen et al.): keep draft y ~ q with probability
+        min(1, p(y) / q(y)), else draw from max(0, p - q) renormalised; the result is distributed exactly
+        as p, the depth-K distribution (temperature, filters, logit_bias and min_tokens included). The
+        row's own generator gives every random number, so a seeded row stays batch-invariant."""
+        p = distribution(seq, logits, seq.output_ids, self.vocab_size, self.eos_token_id)[0]
+        q, y = seq.draft_probs[i], seq.draft_ids[i]
+        u = float(torch.rand((), generator=seq.generator, device=seq.generator.device))
+        if u * float(q[y]) <= float(p[y]):
+            tok = y
+        else:
+            residual = (p - q).clamp_(min=0)
+            residual = residual if float(residual.sum()) > 0 else p
+            tok = int(exponential_race((residual / residual.sum())[None], [seq.generator])[0])
+        lp = {}
+        if seq.params.logprobs is not None:
+            k = seq.params.logprobs
+            chosen, top_ids, top_lp = token_logprobs(logits, torch.tensor([tok], device=logits.device), k)
+            lp = {0: [(chosen.item(), list(zip(top_ids[0].tolist(), top_lp[0].tolist())))]}
+        return tok, lp
 
     def _drain(self) -> list[StepOutput]:
         while self._inbox:

@@ -281,11 +281,16 @@ def sample(logits: torch.Tensor, batch: BatchSampling) -> torch.Tensor:
     tokens = logits.argmax(dim=-1)
     if batch.sampled is None:
         return tokens
+    drawn = exponential_race(draw_probs(logits, batch), batch.generators)
+    return tokens.index_copy(0, batch.sampled, drawn)
+
+
+def draw_probs(logits: torch.Tensor, batch: BatchSampling) -> torch.Tensor:
+    """The distribution each sampled row draws from: temperature, then top-k and top-p. (B, V) -> (S, V)."""
     sub = logits[batch.sampled].float() / batch.temperature[:, None]  # (S, V)
     # a tiny temperature (or repetition penalty) overflows to +inf: those tokens tie at the largest float
     sub = apply_top_k_top_p(sub.clamp_(max=torch.finfo(torch.float32).max), batch.top_k, batch.top_p)
-    drawn = exponential_race(sub.softmax(dim=-1), batch.generators)
-    return tokens.index_copy(0, batch.sampled, drawn)
+    return sub.softmax(dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
@@ -337,6 +342,15 @@ class Sampler:
                 kk = seqs[i].params.logprobs
                 lp_rows[i] = [(chosen[j], list(zip(top_ids[j][:kk], top_lp[j][:kk])))]
         return tokens_t.tolist(), lp_rows
+
+
+def distribution(seq, logits: torch.Tensor, history: list[int], vocab: int, eos_token_id: int | None) -> torch.Tensor:
+    """The distribution one sampled, unpenalized row draws from after `history` output tokens: logits
+    (n, V) -> (n, V), logit_bias, min_tokens, temperature and filters applied (speculative sampling
+    compares the draft's and the target's)."""
+    batch = BatchSampling.build([seq.params] * len(logits), [seq.generator] * len(logits), vocab, logits.device)
+    scores = adjust_logits(logits, batch, [history] * len(logits), eos_token_id, [seq.params.min_tokens] * len(logits))
+    return draw_probs(scores, batch)
 
 
 def prompt_logprobs(prompt_ids: list[int], logits: torch.Tensor, k: int) -> list:

@@ -34,7 +34,7 @@ class Sequence:
         "id", "request_id", "index", "prompt_ids", "token_ids", "params", "loops", "generator", "sink",
         "output_ids", "num_computed", "status", "finish_reason", "detok", "prompt_logprobs", "leader",
         "blocks", "block_hashes", "num_committed", "table", "num_preemptions", "arrival", "admitted_at", "first_token_at",
-        "last_token_at", "spec_tokens", "draft_ids", "draft_states", "loop_steps", "num_drafted", "num_accepted", "num_spec_emitted",
+        "last_token_at", "spec_tokens", "draft_ids", "draft_states", "draft_probs", "loop_steps", "num_drafted", "num_accepted", "num_spec_emitted",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loops: int, *, request_id: str = "",
@@ -63,6 +63,7 @@ class Sequence:
         self.spec_tokens = 0
         self.draft_ids: list[int] = []
         self.draft_states: list[dict] = []
+        self.draft_probs: list = []  # sampled rows: the distribution each draft was drawn from (V,)
         self.loop_steps = 0  # core iterations computed for generated tokens, rejected drafts included
         self.num_drafted = self.num_accepted = 0  # drafts made, drafts accepted
         self.num_spec_emitted = 0  # tokens that verify passes produced (accepted drafts and corrections)
@@ -96,7 +97,7 @@ class Sequence:
 
     def end_round(self) -> None:
         self.spec_tokens = 0
-        self.draft_ids, self.draft_states = [], []
+        self.draft_ids, self.draft_states, self.draft_probs = [], [], []
 
     def append(self, token: int) -> None:
         self.token_ids.append(token)
