@@ -106,6 +106,10 @@ def markdown(r: dict) -> str:
                 for lv in s["levels"]]
         parts.append(_table(header, rows))
         parts += ["", f"output tok/s at concurrency 32 / concurrency 1 = {_f(s.get('c32_over_c1'))}"]
+    if "engine_v2" in r:
+        from . import engine_v2
+
+        parts += ["", engine_v2.markdown(r["engine_v2"])]
     return "\n".join(parts)
 
 

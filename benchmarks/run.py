@@ -1,9 +1,10 @@
 """Runs the benchmarks and writes the numbers as JSON (plus markdown tables on stdout, plots in full runs).
 
-    python -m benchmarks.run --out docs/benchmarks.json            # make bench: 1-4, plots docs/bench_*.png
+    python -m benchmarks.run --out docs/benchmarks.json            # make bench: 1-5, plots docs/bench_*.png
     python -m benchmarks.run --quick --out bench-quick.json        # make bench-quick: reduced 1-3, < 3 min
     python -m benchmarks.run --sections serving --out s.json       # one part
     python -m benchmarks.run --from-json docs/benchmarks.json --plots docs   # redraw tables and plots
+    python -m benchmarks.run --sections engine_v2 --out docs/benchmarks-engine-v2.json   # 5: Engine v2 vs --baseline-ref
 
 Headline keys in the JSON: decode_speedup_vs_hf_b1, decode_speedup_vs_hf_b32, depth_fit_r2,
 mesh_overhead_vs_base, mixed_depth_cost_ratio (and serving_c32_over_c1 when serving runs).
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("decode", "depth", "mixed", "serving")
+SECTIONS = ("decode", "depth", "mixed", "serving", "engine_v2")
 
 # (full, quick, tiny) settings of each knob
 PLANS = {
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks of the MeSH engine and server: (1) decode tokens/s against Hugging Face generate() "
                     "on identical weights, (2) decode cost per recursion depth and MeSH vs base, KV bytes per token, "
                     "(3) mixed-depth batches and admission at a KV budget, (4) HTTP serving load against a real "
-                    "uvicorn server. Writes JSON with the headline ratios; prints markdown tables.",
+                    "uvicorn server, (5) Engine v2 against the engine of --baseline-ref (benchmarks/engine_v2.py). "
+                    "Writes JSON with the headline ratios; prints markdown tables.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, metavar="FILE.json", help="where to write the results (required unless --from-json)")
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write docs-style PNGs (bench_*.png) here; default: the --out directory for a full run, none for --quick/--tiny")
     p.add_argument("--from-json", type=Path, default=None, metavar="FILE.json",
                    help="measure nothing: print the tables and draw the plots (--plots DIR) of an earlier run")
+    p.add_argument("--baseline-ref", default="5ede606",
+                   help="engine_v2: the commit whose engine the new one is measured against (a git worktree in /tmp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -81,6 +85,9 @@ def headline(results: dict) -> dict:
         h["mixed_depth_cost_ratio"] = results["mixed"]["cost_ratio"]
     if "serving" in results:
         h["serving_c32_over_c1"] = results["serving"].get("c32_over_c1", nan)
+    if "engine_v2" in results:
+        h["engine_v2_targets_met"] = sum(t["met"] for t in results["engine_v2"]["targets"])
+        h["engine_v2_targets"] = len(results["engine_v2"]["targets"])
     return h
 
 
@@ -148,6 +155,10 @@ def main(argv=None) -> int:
             from . import serving
 
             results["serving"] = serving.run(subject, plan["serving"], threads=args.threads, device=args.device, **kw)
+        elif section == "engine_v2":
+            from . import engine_v2
+
+            results["engine_v2"] = engine_v2.run(plan_name, baseline_ref=args.baseline_ref, threads=args.threads, **kw)
         results.setdefault("seconds", {})[section] = round(time.perf_counter() - t0, 1)
     results["machine"]["load_average_at_end"] = common.load_average()
     results["headline"] = headline(results)

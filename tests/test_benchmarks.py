@@ -79,3 +79,82 @@ def test_statistics_helpers():
     assert linear_fit([1, 2, 3], [1.0, 3.0, 2.0])["r2"] == pytest.approx(0.25)
     assert percentile(list(range(101)), 99) == pytest.approx(99.0)
     assert summary([1.0, 2.0, 6.0]) == {"mean": 3.0, "median": 2.0, "p99": pytest.approx(5.92)}
+
+
+# ---- benchmarks/engine_v2.py: its machinery on a tiny checkpoint, this tree on both sides -----------
+class InProcess:
+    """A worker without the subprocess: the same task functions, called here (this tree's engine)."""
+
+    def call(self, task, **kw):
+        from benchmarks import engine_v2
+
+        return engine_v2.TASKS[task](**kw)
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    from benchmarks import engine_v2
+
+    models = engine_v2.make_models(True, tmp_path_factory.mktemp("v2"), seed=0)
+    plan = engine_v2.PLANS["tiny"]
+    workers = {"baseline": InProcess(), "new": InProcess()}
+    r = {"plan": "tiny", "baseline_ref": "this checkout", "loops": engine_v2.LOOPS, "threads": 1,
+         "load_average": {"start": [0.0]}}
+    for target in ("admission", "prefix", "chunked", "decode"):
+        r[target] = engine_v2.RUNNERS[target](workers, models, plan[target], 0)
+    r["targets"] = engine_v2.verdicts(r)
+    return r
+
+
+def test_engine_v2_admission_offers_every_request_and_stops_where_the_stop_string_says(v2):
+    a = v2["admission"]
+    assert a["stops_found"] >= 1
+    assert a["identical_outputs"] == a["requests"]  # one engine on both sides: the same greedy tokens
+    assert a["new"]["stopped"] == a["baseline"]["stopped"] >= a["stops_found"]
+    assert 1 <= a["new"]["most_running"] <= a["requests"]
+
+
+def test_engine_v2_prefix_hit_counts_every_full_block_of_the_shared_prefix(v2):
+    x = v2["prefix"]
+    assert x["new"]["hit_tokens_on_hits"] == [x["prefix_len"]] * x["rounds"]  # 64 tokens = 4 blocks of 16
+    assert x["new"]["hit_tokens"] == x["prefix_len"] * x["rounds"]
+
+
+def test_engine_v2_chunked_prefill_splits_the_long_prompt_by_the_budget(v2):
+    c = v2["chunked"]
+    steps = {s["max_num_batched_tokens"]: s["prefill_steps"] for s in c["sweep"]}
+    # 120 tokens at 16 a step less 3 decode rows -> 10 steps; at 64 a step -> 2; the default 256 -> 1
+    assert steps == {16: 10, 64: 2}
+    assert c["baseline"]["prefill_steps"] == 1
+    assert all(s["max_gap_during_ms"] > 0 for s in c["sweep"])
+
+
+def test_engine_v2_decode_rows_and_report(v2):
+    from benchmarks import engine_v2
+
+    assert [(d["prompt_len"], d["batch"]) for d in v2["decode"]["rows"]] == [(8, 1), (8, 4), (40, 1), (40, 4)]
+    assert all(d["greedy_identical"] and d["new_tok_s"] > 0 for d in v2["decode"]["rows"])
+    names = [t["target"] for t in v2["targets"]]
+    assert len(names) == 1 + 1 + 2 + 4 and names[0].startswith("admission")
+    text = engine_v2.markdown(v2)
+    assert "Engine v2 against this checkout" in text and "--max-num-batched-tokens 16" in text
+
+
+def test_engine_v2_worker_process_answers_and_reports_errors(tmp_path):
+    from benchmarks import engine_v2
+
+    w = engine_v2.Worker("new", engine_v2.ROOT, 1, tmp_path / "w.log")
+    try:
+        info = w.call("info")
+        assert info["paged"] is True and info["engine_file"].startswith(str(engine_v2.ROOT))
+        with pytest.raises(RuntimeError, match="task nope"):
+            w.call("nope")
+    finally:
+        w.close()
+
+
+def test_engine_v2_bad_target_is_a_one_line_error(tmp_path, capsys):
+    from benchmarks import engine_v2
+
+    assert engine_v2.main(["--targets", "admission,nope", "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.strip() == "benchmarks.engine_v2: error: unknown target(s) nope"
