@@ -331,3 +331,77 @@ def test_default_model_pipeline_exports_a_servable_model(corpus, tmp_path, capsy
     assert evaluate.main(["--model", str(out), "--text", str(corpus), "--json", "--quiet"]) == 0
     again = json.loads(capsys.readouterr().out)["results"]
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in results], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims the README makes about training
+# ---------------------------------------------------------------------------------------------
+def test_router_pairs_a_step_does_not_reach_keep_their_initial_weights(data_dir, tmp_path):
+    """Fixed K=1 on a max_loops=3 model: pairs 0 and 1 train, pairs 2 and 3 never get an update."""
+    from model import MeshForCausalLM
+    from safetensors.torch import load_file
+
+    from training.config import model_config
+    from training.data import TokenData
+
+    run = tmp_path / "k1"
+    sets = ["train.depth_sampling=fixed", "train.fixed_loops=1", "train.max_steps=6", "train.eval_interval=0"]
+    argv = ["--config", str(TINY), "--data", str(data_dir), "--out", str(run), "--quiet"]
+    assert train.main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    cfg = load_config(TINY, sets, str(data_dir))
+    torch.manual_seed(cfg["train"].seed)  # what train.py does before building the model
+    init = MeshForCausalLM(model_config(cfg, TokenData(data_dir).meta)).state_dict()
+    trained = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    for pair in range(4):
+        for kind in ("write_routers", "read_routers"):
+            name = f"recurrence.{kind}.{pair}.weight"
+            assert torch.equal(init[name], trained[name]) == (pair >= 2), name
+    assert not torch.equal(init["core.0.mlp.dense_h_to_4h.weight"], trained["core.0.mlp.dense_h_to_4h.weight"])
+
+
+def test_schedule_and_adamw_settings_are_the_logged_ones(full_run):
+    """Linear warmup over 4 steps to lr 3e-3 (tiny.toml), then cosine to 10% at step 40; AdamW
+    (0.9, 0.95), eps 1e-8, weight decay 0.01 on matrices and none on biases and norms."""
+    steps, _ = read_metrics(full_run)
+    peak, warmup, total = 3e-3, 4, 40
+    for r in steps:
+        s = r["step"] - 1  # the lr a record logs is the one its step used
+        want = peak * (s + 1) / warmup if s < warmup else peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+        assert math.isclose(r["lr"], want, rel_tol=1e-9), r
+    assert math.isclose(steps[-1]["lr"], peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 35 / 36))), rel_tol=1e-9)
+    state = torch.load(latest_checkpoint(full_run) / "trainer_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) and g["eps"] == 1e-8 for g in groups)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(latest_checkpoint(full_run) / "model.safetensors"))
+    n_matrix = sum(1 for v in weights.values() if v.dim() >= 2)
+    assert len(groups[0]["params"]) == n_matrix and len(groups[1]["params"]) == len(weights) - n_matrix
+
+
+def test_token_files_past_65536_are_uint32_and_train(corpus, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = corpus.read_text(encoding="utf-8")
+    words = sorted({piece for piece, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    vocab = {"<|endoftext|>": 0, "<|padding|>": 1, "[UNK]": 2}
+    vocab.update({f"filler{i}": i for i in range(3, 70_000)})  # pushes every real word past 65,535
+    vocab.update({w: 70_000 + i for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "big-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|padding|>").save_pretrained(str(tok_dir))
+
+    data = tmp_path / "data32"
+    assert prepare.main(["--input", str(corpus), "--out", str(data), "--tokenizer", str(tok_dir), "--quiet"]) == 0
+    td = TokenData(data)
+    ids = np.asarray(td.split("train"))
+    assert td.meta["dtype"] == "uint32" and ids.max() >= 70_000 and (ids > 65_535).mean() > 0.9
+    assert ids[:5].tolist() == tok.encode(text[:200]).ids[:5]  # read back exactly, not wrapped at 65,536
+    run = tmp_path / "r32"
+    sets = ["train.max_steps=2", "train.eval_interval=0", "train.eval_windows=2"]
+    assert train.main(["--config", str(TINY), "--data", str(data), "--out", str(run), "--quiet", *[a for s in sets for a in ("--set", s)]]) == 0
+    config = json.loads((latest_checkpoint(run) / "config.json").read_text())
+    assert config["vocab_size"] >= 70_000 + len(words) and all(math.isfinite(r["loss"]) for r in read_metrics(run)[0])
