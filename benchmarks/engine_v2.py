@@ -368,6 +368,14 @@ def baseline_tree(ref: str | None) -> Path:
     return path
 
 
+def tree_state(tree: Path) -> dict:
+    """The commit measured as "new", and whether server/ or model/ had uncommitted changes then."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": git("status", "--short", "--", "server", "model")}
+
+
 def make_models(tiny: bool, work: Path, seed: int) -> dict:
     """{"default": model/default (tiny: a tiny checkpoint), "twin": random weights, the default model's
     config with a TWIN_CONTEXT-token context (tiny: the tiny checkpoint)}; both engines load these paths."""
@@ -621,6 +629,7 @@ def run(plan: str = "full", targets=TARGETS, baseline_ref: str | None = BASELINE
     workers = {name: Worker(name, tree, threads, work / f"worker-{name}.log") for name, tree in trees.items()}
     try:
         out["engines"] = {name: w.call("info") for name, w in workers.items()}
+        out["engines"]["new"].update(tree_state(ROOT))
         for target in targets:
             t0 = time.perf_counter()
             out["load_average"][target] = [round(x, 2) for x in os.getloadavg()]
@@ -695,7 +704,10 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def markdown(r: dict) -> str:
     """The section's tables (report.py prints them after the other sections)."""
-    parts = [f"**Engine v2 against {r['baseline_ref']}** ({r['plan']}, depth {r['loops']}, {r['threads']} torch "
+    new = r.get("engines", {}).get("new", {})
+    tree = (f"; new = {new['commit']}" + (" with uncommitted changes in server/ or model/" if new.get("uncommitted") else "")
+            if "commit" in new else "")
+    parts = [f"**Engine v2 against {r['baseline_ref']}{tree}** ({r['plan']}, depth {r['loops']}, {r['threads']} torch "
              f"thread(s) per engine; load average at each target's start: "
              + ", ".join(f"{k} {v[0]}" for k, v in r["load_average"].items()) + ")", ""]
     parts.append(_table(["target", "asks", "measured", "met"],
