@@ -104,6 +104,31 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_heatmap(table: dict, path, title: str) -> None:
+    """Accuracy by hop count (rows) x loops (columns) as a PNG heatmap with the numbers written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    hops, loops = list(table), list(next(iter(table.values())))
+    grid = [[100 * table[h][k] for k in loops] for h in hops]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(loops), 0.9 + 0.5 * len(hops)))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_xticks(range(len(loops)), [str(k) for k in loops])
+    ax.set_yticks(range(len(hops)), [str(h) for h in hops])
+    ax.set_xlabel("loops")
+    ax.set_ylabel("hops")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate_chains", description="Chains accuracy by hop count x loops, in process or through a server.")
     where = p.add_mutually_exclusive_group(required=True)
@@ -117,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="in process: auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=8, help="over HTTP: concurrent requests (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="PNG", help="also write the table as a heatmap")
     return p
 
 
@@ -139,6 +165,8 @@ def main(argv=None) -> int:
             answer_fn = functools.partial(model_answers, model)
             source = str(directory)
         table = accuracy_table(answer_fn, hops, loops, args.n, args.split, args.seed)
+        if args.plot:
+            plot_heatmap(table, args.plot, f"{source}: accuracy on {args.n} {args.split} problems per hop count")
         if args.json:
             out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
             print(json.dumps(out, indent=2))
