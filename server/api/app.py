@@ -100,11 +100,16 @@ def field_path(loc, body, missing: bool = False) -> str | None:
     path, node = "", body
     for i, part in enumerate(loc):
         if isinstance(node, dict) and isinstance(part, str) and (part in node or (missing and i == len(loc) - 1)):
-            safe = part.encode("utf-8", "backslashreplace").decode("utf-8")  # a key may hold a lone surrogate
+            safe = _escaped(part)  # a key may hold a lone surrogate
             path, node = (f"{path}.{safe}" if path else safe), node.get(part)
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             path, node = f"{path}[{part}]", node[part]
     return path or None
+
+
+def _escaped(text: str) -> str:
+    """Text safe to echo in a JSON response: lone surrogates as \\udXXX escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _validation_message(err: dict, path: str | None) -> str:
@@ -144,6 +149,9 @@ def _error_handlers(app: FastAPI, count) -> None:
         # A union field fails once per member: report our own validators' errors first, then the deepest path.
         paths = [path_of(err) for err in errors]
         best = max(range(len(errors)), key=lambda i: (errors[i].get("type") == "value_error", len(paths[i] or "")))
+        if paths[best] is None and errors[best].get("type") == "string_unicode":  # a field *name* with a lone surrogate
+            name = _escaped(str(errors[best].get("input")))
+            return respond(request, ApiError(400, f"unknown field '{name}': its name is not valid Unicode", param=name))
         return respond(request, ApiError(400, _validation_message(errors[best], paths[best]), param=paths[best]))
 
     @app.exception_handler(StarletteHTTPException)
