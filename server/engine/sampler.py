@@ -221,15 +221,28 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     """Masks (to -inf) the tokens outside each row's top k, then outside the nucleus p of what is left
     (a token goes when the tokens likelier than it already hold p; ties stay together). (B, V) -> (B, V).
     No row's vocabulary is sorted: top-k takes the k-th value from ``topk``, top-p uses a histogram."""
+    keep = None
     if top_k is not None:
         active = top_k < logits.shape[-1]
         if bool(active.any()):
             vals = logits.topk(int(top_k[active].max()), dim=-1).values  # (B, k_max), likeliest first
             kth = vals.gather(1, (top_k.clamp(max=vals.shape[-1]) - 1)[:, None])
             logits = logits.masked_fill((logits < kth) & active[:, None], float("-inf"))
+            if top_p is not None and bool(active.all()):  # every row's candidates are sorted already
+                ranked = vals.masked_fill(vals < kth, float("-inf"))
+                keep = logits >= _nucleus_floor(ranked, ranked.softmax(dim=-1), torch.zeros_like(kth), top_p)
     if top_p is not None:  # rows at 1 keep everything (a float cumsum may reach 1 before the last token)
-        logits = logits.masked_fill(~nucleus(logits, top_p) & (top_p < 1.0)[:, None], float("-inf"))
+        keep = nucleus(logits, top_p) if keep is None else keep
+        logits = logits.masked_fill(~keep & (top_p < 1.0)[:, None], float("-inf"))
     return logits
+
+
+def _nucleus_floor(ranked: torch.Tensor, probs: torch.Tensor, before: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """(B, 1): the smallest of `ranked` (values, likeliest first, with their `probs`) that stays in the
+    nucleus, given the mass `before` (B, 1) of likelier tokens not among them."""
+    likelier = probs.cumsum(dim=-1) - probs
+    stays = (before + likelier < top_p[:, None]) & (probs > 0)
+    return ranked.masked_fill(~stays, float("inf")).min(dim=-1, keepdim=True).values
 
 
 def nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -244,10 +257,8 @@ def nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     edge = (cum < top_p[:, None]).sum(dim=-1, keepdim=True)  # (B, 1) the first bin reaching p (BINS: none does)
     before = (cum - mass).gather(1, edge.clamp(max=BINS - 1))  # mass of the bins likelier than the edge
     in_edge = bins == edge
-    ranked = probs.masked_fill(~in_edge, -1.0).topk(max(1, int(in_edge.sum(dim=-1).max())), dim=-1).values
-    likelier = ranked.cumsum(dim=-1) - ranked  # within the edge bin, the mass before each of its tokens
-    stays = (before + likelier < top_p[:, None]) & (ranked >= 0)
-    floor = ranked.masked_fill(~stays, float("inf")).min(dim=-1, keepdim=True).values  # the least likely that stays
+    ranked = probs.masked_fill(~in_edge, 0.0).topk(max(1, int(in_edge.sum(dim=-1).max())), dim=-1).values
+    floor = _nucleus_floor(ranked, ranked, before, top_p)  # the least likely token of the edge bin that stays
     return (bins < edge) | (in_edge & (probs >= floor))
 
 
