@@ -111,8 +111,8 @@ def test_label_values_have_the_shape_queries_assume(samples):
     # status=~"5.." / !~"2.." need 3-digit codes; the traffic above produced 200, 400 and 429.
     statuses = {labels["status"] for labels in samples["mesh_requests_total"]}
     assert {"200", "400", "429"} <= statuses and all(re.fullmatch(r"\d{3}", s) for s in statuses)
-    # The depth panels: one generation counter per depth, and one histogram bucket per depth.
-    assert {labels["loops"] for labels in samples["mesh_generation_tokens_total"]} == {str(k) for k in range(1, MAX_LOOPS + 1)}
+    # The depth panels: one generation counter per depth (and one for loops "auto"), one histogram bucket per depth.
+    assert {labels["loops"] for labels in samples["mesh_generation_tokens_total"]} == {*(str(k) for k in range(1, MAX_LOOPS + 1)), "auto"}
     les = sorted(float(labels["le"]) for labels in samples["mesh_request_loops_bucket"])
     assert les[:MAX_LOOPS] == [float(k) for k in range(1, MAX_LOOPS + 1)]
     (info,) = samples["mesh_model_info"]

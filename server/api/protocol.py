@@ -82,7 +82,12 @@ class SamplingFields(_Request):
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    loops: StrictInt | None = Field(None, description="recursion depth of this request, 1..max_loops (default: the model's)")
+    loops: StrictInt | Literal["auto"] | None = Field(
+        None, description='recursion depth of this request, 1..max_loops (default: the model\'s), or "auto": each '
+                          "token stops its recursion once its hidden state converges (min_loops, max_loops, exit_threshold)")
+    min_loops: StrictInt | None = None  # loops "auto" only: iterations every token runs (default 1)
+    max_loops: StrictInt | None = None  # loops "auto" only: iterations no token exceeds (default the model's)
+    exit_threshold: StrictFloat | None = Field(None, ge=0.0)  # loops "auto" only: relative change of h to stop at
     ignore_eos: StrictBool = False
     user: Text | None = None  # informational (OpenAI); not used
     presence_penalty: StrictFloat | None = None

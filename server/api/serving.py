@@ -20,7 +20,7 @@ import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine import EngineDead, QueueFull, RequestError
+from ..engine import AutoDepth, EngineDead, QueueFull, RequestError
 from ..engine.sampler import SamplingParams
 from .protocol import (ChatCompletionRequest, ChatLogprobsBuilder, CompletionRequest, LogprobsBuilder, error_body,
                        new_id, now, usage)
@@ -103,7 +103,7 @@ class Job:
         self.prompt_texts, self.want_lp, self.echo, self.timeout = prompt_texts, want_lp, echo, timeout
         self.id, self.created = new_id(shape.id_prefix), now()
         self.n = len(handle.seqs) // len(prompts)
-        self.loops = handle.seqs[0].loops
+        self.loops = "auto" if handle.seqs[0].auto else handle.seqs[0].loops
         opts = stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = bool(opts and opts.continuous_usage_stats)
@@ -183,9 +183,20 @@ class Serving:
         if req.model is not None and req.model != self.engine.model_name:
             raise model_not_found(req.model, self.engine.model_name)
 
+    @staticmethod
+    def _depth(req):
+        """The engine's `loops`: an int, None (the model's default) or, for "auto", an AutoDepth."""
+        auto = {name: getattr(req, name) for name in ("min_loops", "max_loops", "exit_threshold") if getattr(req, name) is not None}
+        if req.loops != "auto":
+            if auto:
+                name = next(iter(auto))
+                raise ApiError(400, f'{name} is only used with loops "auto"', param=name)
+            return req.loops
+        return AutoDepth(**auto)
+
     async def _run(self, req, request: Request, shape, prompts, texts, params: SamplingParams, echo: bool = False):
         try:
-            handle = self.engine.submit(prompts, params, req.loops, req.n, request.state.request_id)
+            handle = self.engine.submit(prompts, params, self._depth(req), req.n, request.state.request_id)
         except RequestError as e:
             raise ApiError(400, str(e), param=e.param) from None
         except QueueFull as e:

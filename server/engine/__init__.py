@@ -9,6 +9,7 @@ blocks, prefix hashing), scheduler.py (admission, chunked prefill, preemption), 
 
 from .engine import DEFAULT_MODEL, Completion, Engine, EngineConfig, EngineDead, QueueFull, RequestError, load, resolve_dtype
 from .sampler import SamplingParams
+from .sequence import AutoDepth
 
-__all__ = ["DEFAULT_MODEL", "Completion", "Engine", "EngineConfig", "EngineDead", "QueueFull", "RequestError",
+__all__ = ["AutoDepth", "DEFAULT_MODEL", "Completion", "Engine", "EngineConfig", "EngineDead", "QueueFull", "RequestError",
            "SamplingParams", "load", "resolve_dtype"]

@@ -17,6 +17,7 @@ add_request and abort may be called from any thread: they only append to queues 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ from .metrics import Metrics
 from .model_runner import ModelRunner, RunOutput
 from .sampler import Sampler, SamplingParams, distribution, exponential_race, token_logprobs
 from .scheduler import Scheduler
-from .sequence import Sequence, Status, StepOutput
+from .sequence import AutoDepth, Sequence, Status, StepOutput
 
 log = logging.getLogger("server.engine")
 
@@ -219,14 +220,29 @@ class Engine:
         return self._backend.decode(ids, skip_special_tokens=True)
 
     # ---- requests -----------------------------------------------------------------------------
-    def check_request(self, prompts: list[list[int]], params: SamplingParams, loops: int | None) -> int:
-        """Validates a request against this model and pool; returns the depth. Raises RequestError."""
+    def check_depth(self, loops) -> int:
+        """The depth whose tiers a request holds: `loops`, the model's default, or an AutoDepth's max."""
         cfg = self.model.config
+        if isinstance(loops, AutoDepth):
+            a = loops if loops.max_loops is not None else dataclasses.replace(loops, max_loops=cfg.max_loops)
+            for name in ("min_loops", "max_loops"):
+                v = getattr(a, name)
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= cfg.max_loops:
+                    raise RequestError(f"{name} must be an integer in [1, {cfg.max_loops}] for this model, got {v!r}", name)
+            if a.min_loops > a.max_loops:
+                raise RequestError(f"min_loops ({a.min_loops}) must not exceed max_loops ({a.max_loops})", "min_loops")
+            if not a.exit_threshold >= 0:
+                raise RequestError(f"exit_threshold must be >= 0, got {a.exit_threshold!r}", "exit_threshold")
+            return a.max_loops
         loops = cfg.default_loops if loops is None else loops
         try:
-            cfg.check_loops(loops)
+            return cfg.check_loops(loops)
         except ValueError as e:
             raise RequestError(str(e), "loops") from None
+
+    def check_request(self, prompts: list[list[int]], params: SamplingParams, loops) -> int:
+        """Validates a request against this model and pool; returns the depth. Raises RequestError."""
+        loops = self.check_depth(loops)
         for ids in prompts:
             if not ids:
                 raise RequestError("the prompt is empty: give at least one token", "prompt")
@@ -258,7 +274,10 @@ class Engine:
         """
         if self.closed:
             raise EngineDead("the engine has stopped")
+        auto = loops if isinstance(loops, AutoDepth) else None
         loops = self.check_request(prompts, params, loops)
+        if auto is not None and auto.max_loops is None:
+            auto = dataclasses.replace(auto, max_loops=loops)
         if len(prompts) * n > self.config.max_waiting:  # could never be queued: not a "retry later"
             raise RequestError(f"{len(prompts)} prompt(s) x n={n} sequences exceed the waiting-queue bound "
                                f"{self.config.max_waiting} (--max-waiting)", "n")
@@ -269,7 +288,7 @@ class Engine:
             for i in range(n):
                 detok = Detokenizer(self.decode, ids, params.stop) if params.detokenize else None
                 seq = Sequence(ids, params, loops, request_id=request_id, index=p * n + i, sink=sink, detok=detok,
-                               generator=params.generator(self.device, offset=i), leader=leader)
+                               generator=params.generator(self.device, offset=i), leader=leader, auto=auto)
                 leader = leader or seq
                 seqs.append(seq)
         with self._lock:
@@ -279,7 +298,7 @@ class Engine:
                 raise QueueFull(f"the waiting queue is full ({self.num_waiting} of {self.config.max_waiting} places taken)")
             self.num_waiting += len(seqs)
             self._inbox.extend(seqs)
-        if self.metrics is not None:
+        if self.metrics is not None and auto is None:
             self.metrics.loops.observe(loops)
         self.frontend.wake()
         return seqs
@@ -350,7 +369,7 @@ class Engine:
         drafts depends only on its own request, never on the batch."""
         d, left = self.config.speculative_loops, seq.params.max_tokens - len(seq.output_ids)
         # penalized sampled rows decode plainly: their penalties would have to see the drafts
-        if seq.spec_tokens or seq.loops <= d or left < 2 or (not seq.params.greedy and seq.params.penalized):
+        if seq.spec_tokens or seq.auto or seq.loops <= d or left < 2 or (not seq.params.greedy and seq.params.penalized):
             return
         seq.spec_tokens = min(self.config.num_speculative_tokens, left)
 
@@ -509,15 +528,17 @@ class Engine:
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             try:
                 outputs.append(self._emit(seq, tok, lp_rows.get(i), now))
-                seq.loop_steps += seq.loops
-                per_loops[seq.loops] = per_loops.get(seq.loops, 0) + 1
+                spent = seq.loops if seq.auto is None else seq.last_exit  # auto: where this token stopped
+                seq.loop_steps += spent
+                label = "auto" if seq.auto else seq.loops
+                per_loops[(label, spent)] = per_loops.get((label, spent), 0) + 1
             except Exception as e:  # e.g. this row's detokenizer: only this row fails
                 if seq.status is not Status.FINISHED:
                     outputs.append(self._fail(seq, e))
         if self.metrics is not None:
-            for k, c in per_loops.items():
-                self.metrics.count_generated(k, c)
-                self.metrics.observe_token_loops(k, c)
+            for (label, spent), c in per_loops.items():
+                self.metrics.count_generated(label, c)
+                self.metrics.observe_token_loops(spent, c)
         return outputs
 
     def _emit(self, seq: Sequence, tok: int, logprobs, now: float) -> StepOutput:

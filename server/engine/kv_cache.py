@@ -41,6 +41,7 @@ class PagedKVCache:
         self.slot = {key: paged_slot(config, *key) for key in keys}
         self.decoding = True
         self.tables = self.write_index = self.mask = None
+        self.row_index = None  # decode: the batch rows a layer application runs on, when not a prefix
 
     @staticmethod
     def unit_bytes(config: MeshConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -91,6 +92,8 @@ class PagedKVCache:
         """q, k, v: (n, nh, T, hs) for the first n rows -> attention output (n, nh, T, hs)."""
         slot = self.slot[(kw["stage"], kw["index"], kw["iteration"])]
         n = kw["rows"]
+        if self.row_index is not None:  # adaptive depth: rows still iterating, any subset of the batch
+            return self._attend_rows(q, k, v, slot, self.row_index)
         if self.decoding:
             idx = self.write_index[:n, slot]
             self.k_flat.index_copy_(0, idx, k[:, :, 0])
@@ -108,3 +111,15 @@ class PagedKVCache:
         keys = self.k_units.index_select(0, units).view(n, S, *k.shape[1:2], k.shape[-1]).transpose(1, 2)  # (n, nh, S, hs)
         values = self.v_units.index_select(0, units).view(n, S, *v.shape[1:2], v.shape[-1]).transpose(1, 2)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[:n])
+
+    def _attend_rows(self, q, k, v, slot: int, rows: torch.Tensor) -> torch.Tensor:
+        """attend() for decode rows `rows` (an index into the step's batch) instead of its first n."""
+        idx = self.write_index[rows, slot]
+        self.k_flat.index_copy_(0, idx, k[:, :, 0])
+        self.v_flat.index_copy_(0, idx, v[:, :, 0])
+        units = self.tables[rows, slot].reshape(-1)
+        n = len(rows)
+        S = units.shape[0] // n * self.block_size
+        keys = self.k_units.index_select(0, units).view(n, S, *k.shape[1:2], k.shape[-1]).transpose(1, 2)
+        values = self.v_units.index_select(0, units).view(n, S, *v.shape[1:2], v.shape[-1]).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[rows])

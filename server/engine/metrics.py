@@ -62,7 +62,7 @@ class Metrics:
                                      buckets=tuple(float(k) for k in range(1, max_loops + 1)) + (2.0 * max_loops,), registry=r)
         self.max_waiting = Gauge("mesh_max_waiting", "Bound of the waiting queue (429 past it)", registry=r)
         self.model = Info("mesh_model", "The model being served", registry=r)
-        self._gen = {k: self.generation_tokens.labels(loops=str(k)) for k in range(1, max_loops + 1)}
+        self._gen = {k: self.generation_tokens.labels(loops=str(k)) for k in [*range(1, max_loops + 1), "auto"]}
 
     def bind(self, engine) -> None:
         """Gauges read the engine when scraped: no per-step cost."""

@@ -105,12 +105,80 @@ class ModelRunner:
         nb = max(positions) // bs + 1
         self.kv.begin_decode(torch.stack([s.table[:, :nb] for s in seqs]).to(self.device), pos)
         depths = [self.depth(s) for s in seqs]
+        if any(s.auto for s in seqs):
+            return self._decode_adaptive(seqs, ids, pos.view(n, 1), depths)
         row_loops = None if depths[0] == depths[-1] else depths
         logits, state = self._forward(ids, pos.view(n, 1), depths[0], row_loops, keep_all=False)
         for i, seq in enumerate(seqs):
             if seq.spec_tokens:  # the draft input's state after the draft depth: where verify resumes
                 seq.draft_states.append({name: v[i : i + 1].clone() for name, v in state.items()})
         return logits
+
+    def _decode_adaptive(self, seqs: list[Sequence], ids, positions, depths: list[int]) -> torch.Tensor:
+        """A decode step with `loops: "auto"` rows: core iteration t runs on the rows still iterating (any
+        subset, not a prefix), and an auto row stops after iteration t >= min_loops once its hidden state
+        changed by less than exit_threshold (relative L2). The K/V of the iterations it skipped are filled
+        with those of its last iteration, so later, deeper tokens can attend to it."""
+        m, n = self.model, len(seqs)
+        ctx = m.layer_context(positions, cache=self.kv, loops=depths[0])
+        state = m.start(m.embed(ids), ctx)
+        exits = list(depths)
+        active = list(range(n))
+        for t in range(max(depths)):
+            active = [r for r in active if t < exits[r]]
+            if not active:
+                break
+            idx = torch.tensor(active, device=self.device)
+            sub = {name: v.index_select(0, idx) for name, v in state.items()}
+            new = m.recurrence.step(t, sub, self._core_rows(sub["h"], ctx, t, idx))
+            for name, v in new.items():
+                state[name] = state[name].index_copy(0, idx, v)
+            change = ((new["h"] - sub["h"]).norm(dim=-1) / sub["h"].norm(dim=-1).clamp(min=1e-12)).view(-1).tolist()
+            for r, c in zip(active, change):
+                a = seqs[r].auto
+                if a is not None and t + 1 >= a.min_loops and c < a.exit_threshold:
+                    exits[r] = t + 1
+        self.kv.row_index = None
+        for i, (seq, e) in enumerate(zip(seqs, exits)):
+            seq.last_exit = e
+            if seq.spec_tokens:  # a draft row in the same batch keeps its state, as in decode()
+                seq.draft_states.append({name: v[i : i + 1].clone() for name, v in state.items()})
+        self._fill_skipped(seqs, exits)
+        h = self._read_out(state, exits, ctx)
+        return m.compute_logits(m._run(m.coda, h, ctx, "coda")[:, -1])
+
+    def _core_rows(self, h: torch.Tensor, ctx, t: int, idx: torch.Tensor) -> torch.Tensor:
+        """The core layers of iteration t on batch rows `idx` (the paged cache attends for those rows)."""
+        self.kv.row_index = idx
+        cos, sin = ctx.cos.index_select(0, idx), ctx.sin.index_select(0, idx)
+        for j, layer in enumerate(self.model.core):
+            kw = {"cache_position": 0, "stage": "core", "index": j, "iteration": t, "rows": len(idx)}
+            h = layer(h, cos, sin, None, self.kv, 0, kw)
+        return h
+
+    def _read_out(self, state: dict, exits: list[int], ctx) -> torch.Tensor:
+        if not self.model.config.coda_read_routers:
+            return self.model.recurrence.read_out(state, ctx.loops)
+        h = state["h"].clone()  # per-depth final reads: each exit depth reads with its own router
+        for k in set(exits):
+            idx = torch.tensor([r for r, e in enumerate(exits) if e == k], device=self.device)
+            rows = {name: v.index_select(0, idx) for name, v in state.items()}
+            h.index_copy_(0, idx, self.model.recurrence.read_out(rows, k))
+        return h
+
+    def _fill_skipped(self, seqs: list[Sequence], exits: list[int]) -> None:
+        """Copies an early-exited token's K/V of its last iteration into the iterations it skipped."""
+        cfg = self.model.config
+        src, dst = [], []
+        for r, (seq, e) in enumerate(zip(seqs, exits)):
+            for t in range(e, seq.loops if seq.auto else e):
+                for j in range(cfg.n_core):
+                    src.append(self.kv.write_index[r, self.kv.slot[("core", j, e - 1)]])
+                    dst.append(self.kv.write_index[r, self.kv.slot[("core", j, t)]])
+        if dst:
+            src_t, dst_t = torch.stack(src), torch.stack(dst)
+            self.kv.k_flat.index_copy_(0, dst_t, self.kv.k_flat.index_select(0, src_t))
+            self.kv.v_flat.index_copy_(0, dst_t, self.kv.v_flat.index_select(0, src_t))
 
     def verify(self, seq: Sequence) -> torch.Tensor:
         """Resumes the round's draft inputs from their saved states: core iterations draft_loops .. K-1 and
@@ -129,6 +197,7 @@ class ModelRunner:
         chunk reaches the sequence's last known token, else None; the chunk's logits (T, V) when the
         prompt's logprobs are wanted, else None)."""
         start = seq.num_computed
+        seq.last_exit = seq.loops  # prompts run every iteration, "auto" ones too
         ids = torch.tensor([seq.token_ids[start : start + T]], device=self.device)
         self.kv.begin_chunk(seq.table.to(self.device), start, T)
         pos = torch.arange(start, start + T, device=self.device)[None]

@@ -21,6 +21,19 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class AutoDepth:
+    """`loops: "auto"`: each generated token stops its recursion after iteration t (min_loops <= t <=
+    max_loops) once the relative change of the hidden state, ||h^(t) - h^(t-1)|| / ||h^(t-1)||, is below
+    exit_threshold. Prompts run at max_loops; max_loops None means the model's. On the default model the
+    median change is 0.19 after iteration 1, 0.057 after 2 and 0.032 after 3 (held-out text), so the
+    default 0.05 stops about half the tokens after two iterations."""
+
+    min_loops: int = 1
+    max_loops: int | None = None
+    exit_threshold: float = 0.05
+
+
 class Sequence:
     """One prompt being continued at one depth. The engine thread owns it; outputs carry copies.
 
@@ -34,12 +47,12 @@ class Sequence:
         "id", "request_id", "index", "prompt_ids", "token_ids", "params", "loops", "generator", "sink",
         "output_ids", "num_computed", "status", "finish_reason", "detok", "prompt_logprobs", "leader",
         "blocks", "block_hashes", "num_committed", "table", "num_preemptions", "arrival", "admitted_at", "first_token_at",
-        "last_token_at", "spec_tokens", "draft_ids", "draft_states", "draft_probs", "loop_steps", "num_drafted", "num_accepted", "num_spec_emitted",
+        "last_token_at", "auto", "last_exit", "spec_tokens", "draft_ids", "draft_states", "draft_probs", "loop_steps", "num_drafted", "num_accepted", "num_spec_emitted",
     )
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, loops: int, *, request_id: str = "",
                  index: int = 0, generator: torch.Generator | None = None, sink=None, detok: Detokenizer | None = None,
-                 leader: "Sequence | None" = None):
+                 leader: "Sequence | None" = None, auto: AutoDepth | None = None):
         self.id = next(_ids)
         self.request_id, self.index = request_id, index
         self.prompt_ids = list(prompt_ids)
@@ -53,6 +66,8 @@ class Sequence:
         self.detok = detok
         self.prompt_logprobs: list | None = None  # [None, (logprob, [(id, logprob), ...]), ...] when asked
         self.leader = leader  # n > 1: choice 0, whose prompt blocks the other choices share
+        self.auto = auto  # adaptive depth (then `loops` is its max_loops: the tiers it may fill)
+        self.last_exit = loops  # core iterations the last computed token ran (auto rows may stop early)
         self.blocks: list[list] = []
         self.block_hashes: list[int] = []  # chain hash of each full block of token_ids
         self.num_committed = 0  # leading blocks offered to the prefix cache

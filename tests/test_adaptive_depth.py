@@ -1,0 +1,87 @@
+"""Adaptive per-token depth (`loops: "auto"`): each generated token stops its recursion once its hidden
+state has converged (relative change below exit_threshold), between min_loops and max_loops, inside a
+continuous batch with fixed-depth and drafting rows; the K/V of the iterations it skipped are filled
+from its last iteration; responses say "auto" and usage.loop_steps counts what ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from server import Engine, EngineConfig, SamplingParams
+from server.api.app import create_app
+from server.engine import AutoDepth
+from server_fixtures import reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
+
+PROMPTS = ["First Citizen:", "All: Speak", "The quick brown fox jumps"]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def run_all(engine):
+    while engine.has_work():
+        engine.step()
+
+
+def test_auto_depth_bounds_in_a_mixed_batch(ckpt):
+    """Threshold 0 never converges: every token runs max_loops and the text is depth-4 decoding. An
+    unreachable threshold stops every token at min_loops. Fixed-depth rows and drafting rows in the same
+    batch still give generate()'s tokens."""
+    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1), metrics=False)
+    ids = [eng.encode(p) for p in PROMPTS]
+    fixed = [(k, s) for k in (4, 2, 1) for s in eng.add_request(ids, GREEDY, loops=k)]
+    never = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=1, exit_threshold=0.0))
+    always = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=2, max_loops=3, exit_threshold=1e9))
+    run_all(eng)
+    for k, s in fixed:
+        assert same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, k, GREEDY.max_tokens)), k
+    for s in never:
+        assert s.loops == 4 and same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, 4, GREEDY.max_tokens))
+        assert s.loop_steps == 4 * GREEDY.max_tokens
+    for s in always:  # the first token comes from the prompt pass (max_loops 3), the others stop at 2
+        assert s.loops == 3 and s.loop_steps == 3 + 2 * (GREEDY.max_tokens - 1)
+
+
+def test_skipped_iterations_get_the_exit_iterations_kv(ckpt):
+    eng = Engine(EngineConfig(model=ckpt), metrics=False)
+    (seq,) = eng.add_request([eng.encode(PROMPTS[1])], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                             loops=AutoDepth(min_loops=1, max_loops=4, exit_threshold=1e9))
+    for _ in range(4):  # the prompt, then 3 tokens that stop after iteration 1
+        eng.step()
+    kv, bs = eng.kv, eng.blocks.block_size
+    for pos in range(len(seq.prompt_ids), seq.num_computed):
+        flat = lambda slot: int(seq.table[slot, pos // bs]) * bs + pos % bs  # noqa: E731
+        first = kv.k_flat[flat(kv.slot[("core", 0, 0)])]
+        for t in (1, 2, 3):
+            assert torch.equal(kv.k_flat[flat(kv.slot[("core", 0, t)])], first), (pos, t)
+    run_all(eng)
+
+
+def test_auto_through_the_api(ckpt):
+    eng = Engine(EngineConfig(model=ckpt))
+    with TestClient(create_app(eng)) as client:
+        body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True, "loops": "auto",
+                "min_loops": 2, "max_loops": 3, "exit_threshold": 1e9}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["loops"] == "auto" and r.json()["usage"]["loop_steps"] == 3 + 2 * 7
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Speak"}],
+                                                         "max_tokens": 4, "loops": "auto"})
+        assert chat.status_code == 200 and chat.json()["loops"] == "auto"
+        for bad, param in [({"loops": 2, "min_loops": 1}, "min_loops"), ({"loops": "auto", "min_loops": 4, "max_loops": 2}, "min_loops"),
+                           ({"loops": "auto", "max_loops": 9}, "max_loops"), ({"loops": "deep"}, "loops"),
+                           ({"loops": "auto", "exit_threshold": -1.0}, "exit_threshold")]:
+            r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+        metrics = client.get("/metrics").text
+    assert 'mesh_generation_tokens_total{loops="auto"} 12.0' in metrics
+
+
+@pytest.mark.parametrize("auto", [AutoDepth(min_loops=0), AutoDepth(min_loops=3, max_loops=2), AutoDepth(exit_threshold=float("nan"))])
+def test_bad_auto_settings_are_request_errors(ckpt, auto):
+    from server.engine import RequestError
+
+    eng = Engine(EngineConfig(model=ckpt), metrics=False)
+    with pytest.raises(RequestError):
+        eng.add_request([eng.encode(PROMPTS[0])], GREEDY, loops=auto)
