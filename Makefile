@@ -8,7 +8,7 @@ SHAKESPEARE ?= ../shared/data/tinyshakespeare.txt
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: setup test test-fast serve train-default train-chains bench bench-quick soak ablation ablation-quick clean
+.PHONY: setup test test-fast serve train-default train-chains bench bench-quick bench-spec soak ablation ablation-quick clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ bench: setup
 
 bench-quick: setup
 	$(PYTHON) -m benchmarks.run --quick --out docs/benchmarks-quick.json
+
+bench-spec: setup
+	$(PYTHON) -m benchmarks.speculation --out docs/speculation.json
 
 soak: setup
 	$(PYTHON) -m pytest tests -m soak --run-soak
