@@ -39,18 +39,19 @@ def test_auto_depth_bounds_in_a_mixed_batch(ckpt):
     for s in never:
         assert s.loops == 4 and same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, 4, GREEDY.max_tokens))
         assert s.loop_steps == 4 * GREEDY.max_tokens
-    for s in always:  # the first token comes from the prompt pass (max_loops 3), the others stop at 2
-        assert s.loops == 3 and s.loop_steps == 3 + 2 * (GREEDY.max_tokens - 1)
+    for s in always:  # every token stops at 2, the first too (the prompt's last token runs as a decode step)
+        assert s.loops == 3 and s.loop_steps == 2 * GREEDY.max_tokens
 
 
 def test_skipped_iterations_get_the_exit_iterations_kv(ckpt):
     eng = Engine(EngineConfig(model=ckpt), metrics=False)
     (seq,) = eng.add_request([eng.encode(PROMPTS[1])], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                              loops=AutoDepth(min_loops=1, max_loops=4, exit_threshold=1e9))
-    for _ in range(4):  # the prompt, then 3 tokens that stop after iteration 1
+    for _ in range(5):  # the prompt but its last token, then 4 tokens that stop after iteration 1
         eng.step()
     kv, bs = eng.kv, eng.blocks.block_size
-    for pos in range(len(seq.prompt_ids), seq.num_computed):
+    assert seq.num_computed == len(seq.prompt_ids) + 3
+    for pos in range(len(seq.prompt_ids) - 1, seq.num_computed):
         flat = lambda slot: int(seq.table[slot, pos // bs]) * bs + pos % bs  # noqa: E731
         first = kv.k_flat[flat(kv.slot[("core", 0, 0)])]
         for t in (1, 2, 3):
@@ -65,7 +66,7 @@ def test_auto_through_the_api(ckpt):
                 "min_loops": 2, "max_loops": 3, "exit_threshold": 1e9}
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
-        assert r.json()["loops"] == "auto" and r.json()["usage"]["loop_steps"] == 3 + 2 * 7
+        assert r.json()["loops"] == "auto" and r.json()["usage"]["loop_steps"] == 2 * 8
         chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Speak"}],
                                                          "max_tokens": 4, "loops": "auto"})
         assert chat.status_code == 200 and chat.json()["loops"] == "auto"

@@ -75,7 +75,10 @@ class Scheduler:
             if seq.verifying:
                 return seq.spec_tokens, seq.spec_tokens
             return len(seq.draft_ids) + 1, 1
-        n = min(seq.num_tokens - seq.num_computed, budget)
+        left = seq.num_tokens - seq.num_computed
+        if seq.auto is not None and 1 < left <= budget:
+            left -= 1  # "auto": the last prompt token runs as a decode step, so the first token may stop early too
+        n = min(left, budget)
         return n, n
 
     def _fit(self, seq: Sequence, n: int, taken: set[int]) -> bool:
@@ -108,7 +111,7 @@ class Scheduler:
                 self.blocks.free(seq)
                 self._failed(seq, e)
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._work(seq, budget)[1]
             try:
                 fits = self.blocks.allocate(seq, n, reserve=self.blocks.watermark)
             except Exception as e:
