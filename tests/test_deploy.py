@@ -39,6 +39,8 @@ SERVER_METRICS = {
     "mesh_max_waiting", "mesh_model_info",
     # issue 11: the paged K/V pool
     "mesh_num_preemptions_total", "mesh_prefix_cache_queries_total", "mesh_prefix_cache_hits_total",
+    # issue 13: self-speculation and adaptive depth
+    "mesh_spec_decode_num_draft_tokens_total", "mesh_spec_decode_num_accepted_tokens_total", "mesh_token_loops",
 }
 _METRIC = re.compile(r"\b(mesh_[a-z0-9_]+)\b")
 
@@ -424,6 +426,10 @@ def test_dashboard_has_the_panels_operators_expect():
     hits = exprs["Prefix-cache hit rate"]
     assert re.search(r"rate\(mesh_prefix_cache_hits_total.*\)\s*/\s*sum by \(instance\) \(rate\(mesh_prefix_cache_queries_total", hits, re.S), hits
     assert by_title["Prefix-cache hit rate"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    acc = exprs["Speculation acceptance rate"]
+    assert re.search(r"rate\(mesh_spec_decode_num_accepted_tokens_total.*\)\s*/\s*sum by \(instance\) \(rate\(mesh_spec_decode_num_draft_tokens_total", acc, re.S), acc
+    mean = exprs["Mean core iterations per generated token"]
+    assert re.search(r"rate\(mesh_token_loops_sum.*\)\s*/\s*sum by \(instance\) \(rate\(mesh_token_loops_count", mean, re.S), mean
 
 
 def test_dashboard_and_alerts_use_only_server_metrics_and_cover_them():
