@@ -227,14 +227,20 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         if bool(active.any()):
             vals = logits.topk(int(top_k[active].max()), dim=-1).values  # (B, k_max), likeliest first
             kth = vals.gather(1, (top_k.clamp(max=vals.shape[-1]) - 1)[:, None])
-            logits = logits.masked_fill((logits < kth) & active[:, None], float("-inf"))
+            logits = _drop(logits, (logits < kth) & active[:, None])
             if top_p is not None and bool(active.all()):  # every row's candidates are sorted already
                 ranked = vals.masked_fill(vals < kth, float("-inf"))
                 keep = logits >= _nucleus_floor(ranked, ranked.softmax(dim=-1), torch.zeros_like(kth), top_p)
     if top_p is not None:  # rows at 1 keep everything (a float cumsum may reach 1 before the last token)
         keep = nucleus(logits, top_p) if keep is None else keep
-        logits = logits.masked_fill(~keep & (top_p < 1.0)[:, None], float("-inf"))
+        logits = _drop(logits, ~keep & (top_p < 1.0)[:, None])
     return logits
+
+
+def _drop(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x.masked_fill(mask, -inf)`` as arithmetic (x + log(1 - mask)): on CPU a boolean select over a
+    (B, V) batch costs several times more than this, and the draw does several."""
+    return x + torch.log1p(-mask.to(x.dtype))
 
 
 def _nucleus_floor(ranked: torch.Tensor, probs: torch.Tensor, before: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -257,7 +263,7 @@ def nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     edge = (cum < top_p[:, None]).sum(dim=-1, keepdim=True)  # (B, 1) the first bin reaching p (BINS: none does)
     before = (cum - mass).gather(1, edge.clamp(max=BINS - 1))  # mass of the bins likelier than the edge
     in_edge = bins == edge
-    ranked = probs.masked_fill(~in_edge, 0.0).topk(max(1, int(in_edge.sum(dim=-1).max())), dim=-1).values
+    ranked = (probs * in_edge).topk(max(1, int(in_edge.sum(dim=-1).max())), dim=-1).values
     floor = _nucleus_floor(ranked, ranked, before, top_p)  # the least likely token of the edge bin that stays
     return (bins < edge) | (in_edge & (probs >= floor))
 
