@@ -86,3 +86,20 @@ def test_bad_auto_settings_are_request_errors(ckpt, auto):
     eng = Engine(EngineConfig(model=ckpt), metrics=False)
     with pytest.raises(RequestError):
         eng.add_request([eng.encode(PROMPTS[0])], GREEDY, loops=auto)
+
+
+def test_forced_decoding_at_the_bounds_equals_fixed_depths(ckpt):
+    """benchmarks.adaptive feeds text token by token through the engine's decode path. At threshold 0 no
+    token stops early: the NLL is depth 4's. When every token stops at min_loops = 2 (the skipped
+    iterations filled from iteration 2's K/V, which no token reads), the NLL is depth 2's."""
+    from benchmarks.adaptive import forced_decode
+
+    eng = Engine(EngineConfig(model=ckpt), metrics=False)
+    windows = [eng.encode("To be, or not to be, that is the question: whether 'tis nobler")[:20],
+               eng.encode("First Citizen: Before we proceed any further, hear me speak.")[:20]]
+    nll = {k: forced_decode(eng, windows, k)["nll"] for k in (2, 4)}
+    never = forced_decode(eng, windows, AutoDepth(exit_threshold=0.0))
+    always = forced_decode(eng, windows, AutoDepth(min_loops=2, exit_threshold=1e9))
+    assert never["iterations"] == 4 * never["tokens"] and never["nll"] == pytest.approx(nll[4], rel=1e-5)
+    assert always["iterations"] == 2 * always["tokens"] and always["nll"] == pytest.approx(nll[2], rel=1e-5)
+    assert nll[2] != pytest.approx(nll[4], rel=1e-3)  # the depths differ, so the comparison means something

@@ -1,0 +1,161 @@
+"""Adaptive depth (`loops: "auto"`) against fixed depths: quality against mean core iterations per
+token, and time per token, through the engine's own decode path.
+
+    python -m benchmarks.adaptive [--quick] [--text ../shared/data/tinyshakespeare.txt] [--chains model/chains]
+
+- Text (the default model): held-out text is fed token by token as decode steps (teacher forcing
+  through `ModelRunner.decode`, so every token takes the engine's exit decision and the K/V filling
+  of skipped iterations); nats per character of the true next tokens, mean core iterations per token,
+  at fixed depths 1..max and at several exit thresholds.
+- Chains (a model trained by `make train-chains`, if present): accuracy by hop count on held-out
+  problems, one greedy answer token per problem through `Engine.generate` (with "auto" the answer
+  token decides its own depth), with mean iterations and ms per answer at batch 1.
+
+Writes JSON (--out) and prints a table per part with the command. Timing is on a shared machine: one
+torch thread, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import DEFAULT_MODEL
+from server import Engine, EngineConfig, SamplingParams
+from server.engine import AutoDepth
+from server.engine.sequence import Sequence
+
+THRESHOLDS = (0.02, 0.05, 0.1, 0.2)
+
+
+def forced_decode(engine: Engine, windows: list[list[int]], loops) -> dict:
+    """Teacher-forced decode of each window (rows run together): the summed NLL of every next token, the
+    core iterations spent, and the tokens scored."""
+    auto = loops if isinstance(loops, AutoDepth) else None
+    depth = engine.check_depth(loops)
+    if auto is not None and auto.max_loops is None:
+        auto = AutoDepth(auto.min_loops, depth, auto.exit_threshold)
+    rows = [Sequence(ids, SamplingParams(max_tokens=1), depth, auto=auto) for ids in windows]  # one depth: any order
+    nll, iters, count = 0.0, 0, 0
+    with torch.inference_mode():
+        for i in range(len(windows[0]) - 1):
+            for s in rows:
+                s.num_computed = i
+                if not engine.blocks.allocate(s, 1):
+                    raise RuntimeError("the pool is too small for the windows")
+            logits = engine.runner.decode(rows)
+            order = rows
+            lp = logits.float().log_softmax(-1)
+            targets = torch.tensor([s.token_ids[i + 1] for s in order])
+            nll -= float(lp.gather(1, targets[:, None]).sum())
+            iters += sum(s.last_exit for s in order)
+            count += len(order)
+    for s in rows:
+        engine.blocks.free(s)
+    return {"nll": nll, "iterations": iters, "tokens": count}
+
+
+def text_part(model_dir: Path, text: str, windows: int, length: int) -> list[dict]:
+    engine = Engine(EngineConfig(model=model_dir, max_batch_size=windows, kv_cache_mb=256), metrics=False)
+    ids = engine.encode(text[-(len(text) // 10):])  # the last tenth: the default model's validation split
+    step = max(length, (len(ids) - length) // windows)
+    chunks = [ids[i * step : i * step + length] for i in range(windows)]
+    chars_per_token = sum(len(engine.decode(c[1:])) for c in chunks) / sum(len(c) - 1 for c in chunks)
+    settings = [(f"loops={k}", k) for k in range(1, engine.model.config.max_loops + 1)]
+    settings += [(f"auto t={t}", AutoDepth(min_loops=1, exit_threshold=t)) for t in THRESHOLDS]
+    out = []
+    for name, loops in settings:
+        t0 = time.perf_counter()
+        r = forced_decode(engine, chunks, loops)
+        dt = time.perf_counter() - t0
+        out.append({"setting": name, "nats_per_char": r["nll"] / r["tokens"] / chars_per_token,
+                    "mean_loops": r["iterations"] / r["tokens"], "ms_per_token": 1e3 * dt / r["tokens"]})
+    return out
+
+
+def chains_part(model_dir: Path, n: int, hops: list[int]) -> list[dict]:
+    from training.tasks.chains import eval_problems
+
+    engine = Engine(EngineConfig(model=model_dir, max_batch_size=64), metrics=False)
+    cfg = engine.model.config
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    settings = [(f"loops={k}", k) for k in range(1, cfg.max_loops + 1)]
+    settings += [(f"auto t={t}", AutoDepth(min_loops=1, exit_threshold=t)) for t in THRESHOLDS]
+    problems = {h: eval_problems("test", 0, h, n) for h in hops}
+    out = []
+    for name, loops in settings:
+        row = {"setting": name, "accuracy": {}, "iterations": 0, "answers": 0}
+        for h, probs in problems.items():
+            seqs = engine.add_request([engine.encode(p.prompt()) for p in probs], params, loops=loops)
+            while engine.has_work():
+                engine.step()
+            right = sum(engine.decode(s.output_ids)[:1] == str(p.values[p.target]) for s, p in zip(seqs, probs))
+            row["accuracy"][h] = right / len(probs)
+            row["iterations"] += sum(s.loop_steps for s in seqs)
+            row["answers"] += len(seqs)
+        row["mean_loops"] = row["iterations"] / row["answers"]
+        row["ms_per_answer_b1"] = answer_latency(engine, problems[hops[-1]][:8], params, loops)
+        out.append(row)
+    return out
+
+
+def answer_latency(engine: Engine, problems, params: SamplingParams, loops) -> float:
+    """Median ms for one problem's answer token alone (prompt included), batch 1."""
+    times = []
+    for p in problems:
+        t0 = time.perf_counter()
+        engine.generate([engine.encode(p.prompt())], params, loops=loops)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def print_text(rows: list[dict]) -> None:
+    print("| setting | nats/char | mean loops/token | ms/token (batched) |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['nats_per_char']:.4f} | {r['mean_loops']:.2f} | {r['ms_per_token']:.2f} |")
+
+
+def print_chains(rows: list[dict], hops: list[int]) -> None:
+    print("| setting | " + " | ".join(f"{h} hops" for h in hops) + " | mean loops | ms/answer (b1) |")
+    print("|---|" + "---:|" * (len(hops) + 2))
+    for r in rows:
+        accs = " | ".join(f"{100 * r['accuracy'][h]:.0f}%" for h in hops)
+        print(f"| {r['setting']} | {accs} | {r['mean_loops']:.2f} | {r['ms_per_answer_b1']:.1f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.adaptive", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--text", default="../shared/data/tinyshakespeare.txt", help="held-out text for the default model")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model for the text part")
+    ap.add_argument("--chains", default="model/chains", help="chains model directory (skipped when missing)")
+    ap.add_argument("--quick", action="store_true", help="fewer windows and problems")
+    ap.add_argument("--out", default="docs/adaptive.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    result = {"command": "python -m benchmarks.adaptive " + " ".join(argv if argv is not None else sys.argv[1:])}
+    text = Path(args.text)
+    if text.is_file():
+        result["text"] = text_part(Path(args.model), text.read_text(encoding="utf-8"), 8 if args.quick else 16,
+                                   65 if args.quick else 129)
+        print_text(result["text"])
+    else:
+        print(f"no text at {text}: text part skipped", file=sys.stderr)
+    if (Path(args.chains) / "config.json").is_file():
+        hops = list(range(1, 9))
+        result["chains"] = chains_part(Path(args.chains), 20 if args.quick else 100, hops)
+        print_chains(result["chains"], hops)
+    else:
+        print(f"no chains model at {args.chains}: chains part skipped (make train-chains)", file=sys.stderr)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}  ({result['command']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
