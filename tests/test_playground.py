@@ -1,7 +1,7 @@
 """The browser playground at / in a real browser: Debian's chromium driven by selenium through
 /usr/bin/chromedriver (given explicitly: selenium's driver manager would try to download one),
 against a live `python -m server`. The page loads, the loops slider moves, a prompt streams out the
-same text the API gives at that depth, the compare view fills one column per depth, model output that
+same text the API gives at that depth, the compare view fills one column per depth (and "auto"), model output that
 holds HTML shows as text, and a server with --api-key works once the key is typed in.
 
 Skips (with the reason) only where chromium or its driver is not installed: `.ci/run` installs them.
@@ -93,15 +93,24 @@ def test_slider_stream_compare_and_html_as_text(browser, serve, ckpt):
     assert output.get_attribute("data-state") == "done", by_id(browser, "status").text
     assert content(output) and content(output) == api_text(server.url, "First Citizen:", 3, 8)
     assert by_id(browser, "used-loops").text == "3" and by_id(browser, "tokens").text == "8"
+    assert by_id(browser, "mean-loops").text == "3.00", "usage.loop_steps / tokens at a fixed depth"
     assert by_id(browser, "ttft").text.endswith(" ms") and float(by_id(browser, "tps").text) > 0
 
-    generate(browser, "compare")  # one prompt at every depth, one column each
+    generate(browser, "compare")  # one prompt at every depth, and "auto", one column each
     columns = browser.find_elements(By.CSS_SELECTOR, "#compare-view .column")
-    assert [c.get_attribute("data-loops") for c in columns] == ["1", "2", "3", "4"]
+    assert [c.get_attribute("data-loops") for c in columns] == ["1", "2", "3", "4", "auto"]
     texts = [content(c.find_element(By.CLASS_NAME, "column-output")) for c in columns]
     assert all(texts) and len(set(texts)) > 1, texts
     assert texts[2] == api_text(server.url, "First Citizen:", 3, 8), "the loops=3 column is the single run's text"
     assert all(float(c.find_element(By.CLASS_NAME, "column-tps").text) > 0 for c in columns)
+    depth = [float(c.find_element(By.CLASS_NAME, "column-depth").text) for c in columns]
+    assert depth[:4] == [1.0, 2.0, 3.0, 4.0] and 1.0 <= depth[4] <= 4.0, depth
+
+    by_id(browser, "loops-auto").click()  # adaptive depth: the slider is off, the response says "auto"
+    assert by_id(browser, "loops").get_attribute("disabled")
+    generate(browser)
+    assert by_id(browser, "used-loops").text == "auto" and content(by_id(browser, "output")) == texts[4]
+    by_id(browser, "loops-auto").click()
 
     hostile = "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\"><b>bold</b>"
     fill(browser, "prompt", hostile)

@@ -173,6 +173,7 @@ def _operational_routes(app: FastAPI, engine: Engine) -> None:
             "root": str(engine.model_path) if engine.model_path else None,
             "max_model_len": engine.max_model_len, "max_loops": cfg.max_loops, "default_loops": cfg.default_loops,
             "layout": cfg.layout, "scheme": cfg.scheme,
+            "loops_auto": True,  # requests may send loops "auto" (adaptive depth); the playground offers it
         }
 
     @app.get("/v1/models")

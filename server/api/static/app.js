@@ -30,6 +30,7 @@ async function loadModel() {
     slider.max = String(card.max_loops);
     slider.value = String(card.default_loops);
     $("loops-value").textContent = slider.value;
+    $("auto-wrap").hidden = !card.loops_auto; // adaptive depth, where the server has it
     setStatus("");
   } catch (e) {
     setStatus("Could not reach the server: " + e);
@@ -51,11 +52,12 @@ function requestBody(loops, stream) {
   return ["/v1/completions", { ...body, prompt: prompt, echo: $("echo").checked }];
 }
 
-// One streamed request; view = {output, ttft, tps, tokens}. Resolves when the stream ends.
+// One streamed request at `loops` (a depth or "auto"); view = {output, ttft, tps, tokens, depth}.
+// Resolves when the stream ends.
 async function run(loops, view, signal) {
   const [path, body] = requestBody(loops, true);
   const start = performance.now();
-  let first = null, tokens = 0;
+  let first = null, tokens = 0, steps = null;
   view.output.textContent = "";
   view.output.dataset.state = "running";
   const r = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
@@ -78,7 +80,10 @@ async function run(loops, view, signal) {
       if (!event.startsWith("data: ") || event === "data: [DONE]") continue;
       const chunk = JSON.parse(event.slice(6));
       if (chunk.error) throw new Error(chunk.error.message);
-      if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      if (chunk.usage) {
+        tokens = chunk.usage.completion_tokens;
+        steps = chunk.usage.loop_steps ?? null; // core iterations run: loop_steps / tokens is the mean depth
+      }
       for (const choice of chunk.choices) {
         const text = choice.text ?? (choice.delta && choice.delta.content) ?? "";
         if (!text) continue;
@@ -92,6 +97,7 @@ async function run(loops, view, signal) {
   view.ttft.textContent = first === null ? "–" : `${Math.round(first - start)} ms`;
   view.tps.textContent = (tokens / seconds).toFixed(1);
   view.tokens.textContent = String(tokens);
+  view.depth.textContent = steps === null || !tokens ? "–" : (steps / tokens).toFixed(2);
   view.output.dataset.state = "done";
 }
 
@@ -118,8 +124,10 @@ async function guarded(work) {
 function generate() {
   $("single").hidden = false;
   $("compare-view").hidden = true;
-  const view = { output: $("output"), ttft: $("ttft"), tps: $("tps"), tokens: $("tokens"), loops: $("used-loops") };
-  return guarded((signal) => run(Number($("loops").value), view, signal));
+  const view = { output: $("output"), ttft: $("ttft"), tps: $("tps"), tokens: $("tokens"), loops: $("used-loops"),
+                 depth: $("mean-loops") };
+  const loops = $("loops-auto").checked ? "auto" : Number($("loops").value);
+  return guarded((signal) => run(loops, view, signal));
 }
 
 function column(loops) {
@@ -132,7 +140,7 @@ function column(loops) {
   stats.className = "stats";
   const view = { output: document.createElement("pre") };
   view.output.className = "column-output";
-  for (const [name, label] of [["ttft", "first token"], ["tps", "tokens/s"], ["tokens", "tokens"]]) {
+  for (const [name, label] of [["ttft", "first token"], ["tps", "tokens/s"], ["tokens", "tokens"], ["depth", "mean loops"]]) {
     const span = document.createElement("span");
     span.textContent = label + " ";
     view[name] = document.createElement("b");
@@ -145,26 +153,28 @@ function column(loops) {
   return [col, view];
 }
 
-// One prompt at every depth, one after another (so each column's tokens/s is measured alone).
+// One prompt at every depth (and "auto" where the server has it), one after another, so each
+// column's tokens/s is measured alone.
 function compare() {
   const grid = $("compare-view");
   grid.replaceChildren();
   grid.hidden = false;
   $("single").hidden = true;
-  const depths = Number($("loops").max);
-  const views = [];
-  for (let k = 1; k <= depths; k++) {
+  const depths = Array.from({ length: Number($("loops").max) }, (_, i) => i + 1);
+  if (!$("auto-wrap").hidden) depths.push("auto");
+  const views = depths.map((k) => {
     const [col, view] = column(k);
     grid.append(col);
-    views.push(view);
-  }
+    return view;
+  });
   return guarded(async (signal) => {
-    for (let k = 1; k <= depths; k++) await run(k, views[k - 1], signal);
+    for (let i = 0; i < depths.length; i++) await run(depths[i], views[i], signal);
   });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("loops").addEventListener("input", () => ($("loops-value").textContent = $("loops").value));
+  $("loops-auto").addEventListener("change", () => ($("loops").disabled = $("loops-auto").checked));
   $("generate").addEventListener("click", generate);
   $("compare").addEventListener("click", compare);
   $("stop").addEventListener("click", () => controller && controller.abort());
