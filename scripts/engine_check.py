@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
-
-from model import MeshConfig, MeshForCausalLM  # noqa: E402
-from server import Engine, EngineConfig, SamplingParams  # noqa: E402
-from model.device import resolve_device  # noqa: E402
-from server.engine import load, resolve_dtype  # noqa: E402
+from model import MeshConfig, MeshForCausalLM
+from model.device import resolve_device
+from server import Engine, EngineConfig, SamplingParams
+from server.engine import load, resolve_dtype
 
 
 class ByteTokenizer:
@@ -78,7 +76,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model, tok = MeshForCausalLM(cfg).to(device=device, dtype=dtype).eval(), ByteTokenizer()
     cfg = model.config
-    engine = Engine(EngineConfig(max_batch_size=max(64, max(args.batch)), kv_cache_mb=8192), model=model, tokenizer=tok,
+    engine = Engine(EngineConfig(max_batch_size=max(64, max(args.batch)), max_num_batched_tokens=max(256, max(args.batch))), model=model, tokenizer=tok,
                     metrics=False)
     result = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "dtype": str(dtype), "layout": cfg.layout, "scheme": cfg.scheme, "hidden_size": cfg.hidden_size,
