@@ -38,19 +38,20 @@ PLANS = {
                  prefix=dict(prefix_len=1024, suffix_len=16, rounds=3),
                  chunked=dict(streams=16, long_len=2000, pre_steps=24, budgets=(32, 64, 128, 256, 512), rounds=2),
                  decode=dict(batches=(1, 32), prompt_lens=(16, 160), steps=(64, 24), warm=4, rounds=6, kv_cache_mb=256.0),
-                 profile=dict(cases=((1, 16), (32, 16), (32, 160)), steps=16, top=10, kv_cache_mb=256.0),
+                 profile=dict(cases=((1, 16), (32, 16), (32, 160)), steps=16, top=10, kv_cache_mb=256.0,
+                              lengths=(1, 16, 32, 64, 128, 240)),
                  soak=dict(requests=1000, first=200, kv_cache_mb=64.0, concurrency=32)),
     "quick": dict(admission=dict(requests=64, prompt_len=8, max_tokens=200, stop_at=20, kv_cache_mb=16.0),
                   prefix=dict(prefix_len=1024, suffix_len=16, rounds=2),
                   chunked=dict(streams=16, long_len=2000, pre_steps=16, budgets=(64, 256), rounds=1),
                   decode=dict(batches=(1, 32), prompt_lens=(16, 160), steps=(32, 12), warm=2, rounds=3, kv_cache_mb=256.0),
-                  profile=dict(cases=((1, 16), (32, 160)), steps=8, top=8, kv_cache_mb=256.0),
+                  profile=dict(cases=((1, 16), (32, 160)), steps=8, top=8, kv_cache_mb=256.0, lengths=(1, 16, 64, 240)),
                   soak=dict(requests=300, first=100, kv_cache_mb=64.0, concurrency=32)),
     "tiny": dict(admission=dict(requests=8, prompt_len=8, max_tokens=40, stop_at=6, kv_cache_mb=0.25),
                  prefix=dict(prefix_len=64, suffix_len=8, rounds=1),
                  chunked=dict(streams=3, long_len=120, pre_steps=4, budgets=(16, 64), rounds=1),
                  decode=dict(batches=(1, 4), prompt_lens=(8, 40), steps=(4, 4), warm=1, rounds=1, kv_cache_mb=4.0),
-                 profile=dict(cases=((4, 8),), steps=2, top=5, kv_cache_mb=4.0),
+                 profile=dict(cases=((4, 8),), steps=2, top=5, kv_cache_mb=4.0, lengths=(1, 8)),
                  soak=dict(requests=24, first=8, kv_cache_mb=2.0, concurrency=4)),
 }
 LOOPS = 3  # the default model's default depth; every target runs at it
@@ -63,16 +64,23 @@ TWIN_CONTEXT = 2048  # the random-weight twin's max_position_embeddings (prefix 
 _MODELS: dict = {}
 
 
-def _engine(path: str, config: dict):
-    """An Engine of this tree around a model loaded once per path, without Prometheus."""
-    import dataclasses
-
+def _model(path: str):
+    """(model, tokenizer) of a checkpoint, loaded once per path by this tree's loader."""
     import torch
-    from server.engine import Engine, EngineConfig, load
+    from server.engine import load
 
     if path not in _MODELS:
         _MODELS[path] = load(path, torch.device("cpu"), torch.float32)
-    model, tok = _MODELS[path]
+    return _MODELS[path]
+
+
+def _engine(path: str, config: dict):
+    """An Engine of this tree around a cached model, without Prometheus."""
+    import dataclasses
+
+    from server.engine import Engine, EngineConfig
+
+    model, tok = _model(path)
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     cfg = EngineConfig(device="cpu", dtype="float32", **{k: v for k, v in config.items() if k in names})
     return Engine(cfg, model=model, tokenizer=tok, metrics=False)
@@ -293,6 +301,28 @@ def task_profile(model: str, prompts: list, steps: int, loops: int, config: dict
            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
     return {"ms_per_step": 1e3 * wall / steps, "ops": ops,
             "parts_ms_per_step": {k: 1e3 * v / steps for k, v in spent.items()}}
+
+
+def task_forward_cost(model: str, lengths: list, loops: int, reps: int) -> dict:
+    """Median ms of one plain forward of (1, T) tokens per T: what a prompt chunk of T tokens costs with no
+    past, i.e. how much of a forward does not grow with its tokens (the weights are read once per forward)."""
+    import statistics
+
+    import torch
+
+    m, _ = _model(model)
+    out = {}
+    with torch.inference_mode():
+        for T in lengths:
+            ids = torch.randint(2, m.config.vocab_size, (1, T))
+            m(ids, loops=loops)
+            xs = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                m(ids, loops=loops)
+                xs.append(time.perf_counter() - t0)
+            out[str(T)] = 1e3 * statistics.median(xs)
+    return out
 
 
 TASKS = {name[5:]: fn for name, fn in globals().items() if name.startswith("task_")}
@@ -560,6 +590,8 @@ def run_profile(workers: dict, models: dict, p: dict, seed: int) -> dict:
             case[name] = w.call("profile", model=models["default"], prompts=prompts, steps=p["steps"], loops=LOOPS,
                                 config=_decode_config(batch, plen, p["kv_cache_mb"]), top=p["top"])
         out["cases"].append(case)
+    out["forward_ms_by_tokens"] = workers["new"].call("forward_cost", model=models["default"], lengths=list(p["lengths"]),
+                                                      loops=LOOPS, reps=5)
     return out
 
 
@@ -779,6 +811,9 @@ def _md_profile(p: dict) -> str:
                       _table(["operator", "self ms/step", "share", "calls/step"],
                              [[o["op"], _f(o["self_ms_per_step"]), _f(100 * o["share"], "{:.1f}%"),
                                _f(o["calls_per_step"], "{:.0f}")] for o in x["ops"]])]
+    if "forward_ms_by_tokens" in p:
+        parts += ["", "One plain forward of (1, T) tokens (new tree's model, depth 3, median of 5): "
+                  + ", ".join(f"T={t}: {ms:.1f} ms" for t, ms in p["forward_ms_by_tokens"].items())]
     return "\n".join(parts)
 
 

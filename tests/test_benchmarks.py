@@ -100,7 +100,7 @@ def v2(tmp_path_factory):
     workers = {"baseline": InProcess(), "new": InProcess()}
     r = {"plan": "tiny", "baseline_ref": "this checkout", "loops": engine_v2.LOOPS, "threads": 1,
          "load_average": {"start": [0.0]}}
-    for target in ("admission", "prefix", "chunked", "decode"):
+    for target in ("admission", "prefix", "chunked", "decode", "profile"):
         r[target] = engine_v2.RUNNERS[target](workers, models, plan[target], 0)
     r["targets"] = engine_v2.verdicts(r)
     return r
@@ -129,11 +129,14 @@ def test_engine_v2_chunked_prefill_splits_the_long_prompt_by_the_budget(v2):
     assert all(s["max_gap_during_ms"] > 0 for s in c["sweep"])
 
 
-def test_engine_v2_decode_rows_and_report(v2):
+def test_engine_v2_decode_profile_and_report(v2):
     from benchmarks import engine_v2
 
     assert [(d["prompt_len"], d["batch"]) for d in v2["decode"]["rows"]] == [(8, 1), (8, 4), (40, 1), (40, 4)]
     assert all(d["greedy_identical"] and d["new_tok_s"] > 0 for d in v2["decode"]["rows"])
+    (case,) = v2["profile"]["cases"]
+    assert case["new"]["ops"] and "runner.run" in case["new"]["parts_ms_per_step"]  # the new engine's runner was timed
+    assert list(v2["profile"]["forward_ms_by_tokens"]) == ["1", "8"]
     names = [t["target"] for t in v2["targets"]]
     assert len(names) == 1 + 1 + 2 + 4 and names[0].startswith("admission")
     text = engine_v2.markdown(v2)
