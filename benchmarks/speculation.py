@@ -3,9 +3,10 @@ and one verify pass resumes iterations d..K-1 + the coda for them. Measured on t
 (scheduler + paged K/V pool + model runner, no HTTP), greedy, one torch thread, every engine step timed:
 
 1. Batch 1, default model, ~128 tokens from Shakespeare prompts: speculation on vs off at depth 4 and
-   at the default depth 3 for every (d, g). Step costs from the same blocks (medians of their steps):
-   a depth-K decode step (the plain blocks), a depth-d step (plain depth-d blocks), a draft step and a
-   verify pass (the speculative block), tokens per round from the counters. The bound a round could
+   at the default depth 3 for every (d, g). Step costs (block means): a depth-K decode step (the plain
+   blocks), a depth-d step (plain depth-d blocks), a draft step and a verify pass (the speculative
+   block), each taken relative to the depth-K steps of the blocks either side, so that costs from
+   different moments share no load; tokens per round from the counters. The bound a round could
    reach with those costs is
        tokens_per_round * cost(depth-K step) / (drafts_per_round * cost(depth-d step) + cost(verify))
    and the speedup is reported with its share of that bound. Also the acceptance rate per (K, d).
@@ -153,8 +154,16 @@ def speedup(pair: tuple[dict, dict, dict], clock: str = "decode_s") -> float:
 
 
 def step_ms(run: dict, kind: str) -> float:
-    """Median milliseconds of one step of this kind in a block (a burst of load hits some steps only)."""
-    return 1e3 * median(run["steps"][kind]) if run["steps"][kind] else float("nan")
+    """Mean milliseconds of one step of this kind in a block. A block's mean, not its median: a single
+    step of a few ms is either preempted or not, so the median of steps jumps between the two."""
+    steps = run["steps"][kind]
+    return 1e3 * sum(steps) / len(steps) if steps else float("nan")
+
+
+def relative_cost(pair: tuple[dict, dict, dict], kind: str) -> float:
+    """A step of `kind` in the middle block over a depth-K step of the baseline blocks either side."""
+    before, block, after = pair
+    return 2 * step_ms(block, kind) / (step_ms(before, "decode") + step_ms(after, "decode"))
 
 
 # ---- 1. batch 1 ----------------------------------------------------------------------------------
@@ -187,16 +196,17 @@ def section_batch1(subject, plan: dict, prompts, quiet: bool) -> tuple[dict, dic
 def spec_row(res: dict, k: int, d: int, g: int) -> dict:
     """Speedup (wall and CPU time), step costs, bound and acceptance of (K, d, g): per round, then medians."""
     per = []
-    for (b0, on, b1), (_, plain_d, _) in zip(res[(d, g)], res[f"off@{d}"]):
-        rounds = len(on["steps"]["verify"])
-        cost_k, cost_d = (step_ms(b0, "decode") + step_ms(b1, "decode")) / 2, step_ms(plain_d, "decode")
-        cost_draft, cost_verify = step_ms(on, "draft"), step_ms(on, "verify")
+    for pair, plain_d in zip(res[(d, g)], res[f"off@{d}"]):
+        (b0, on, b1), rounds = pair, len(pair[1]["steps"]["verify"])
+        cost_k = (step_ms(b0, "decode") + step_ms(b1, "decode")) / 2
+        # every cost relative to the depth-K steps around it, so the bound mixes no two moments' loads
+        r_d, r_draft, r_verify = relative_cost(plain_d, "decode"), relative_cost(pair, "draft"), relative_cost(pair, "verify")
         tpr, dpr = on["num_spec_emitted"] / rounds, on["num_drafted"] / rounds
-        bound = tpr * cost_k / (dpr * cost_d + cost_verify)
-        x = speedup((b0, on, b1))
-        per.append(dict(speedup=x, speedup_cpu=speedup((b0, on, b1), "decode_cpu_s"), bound=bound, share=x / bound,
-                        cost_k=cost_k, cost_d=cost_d, cost_draft=cost_draft, cost_verify=cost_verify, tpr=tpr,
-                        bound_draft=tpr * cost_k / (dpr * cost_draft + cost_verify)))
+        bound = tpr / (dpr * r_d + r_verify)
+        x = speedup(pair)
+        per.append(dict(speedup=x, speedup_cpu=speedup(pair, "decode_cpu_s"), bound=bound, share=x / bound,
+                        cost_k=cost_k, cost_d=r_d * cost_k, cost_draft=r_draft * cost_k, cost_verify=r_verify * cost_k,
+                        tpr=tpr, bound_draft=tpr / (dpr * r_draft + r_verify)))
     m = {key: median([p[key] for p in per]) for key in per[0]}
     runs = [on for _, on, _ in res[(d, g)]]
     drafted, accepted = sum(r["num_drafted"] for r in runs), sum(r["num_accepted"] for r in runs)
