@@ -118,11 +118,16 @@ class MeshLayer(nn.Module):
         self.drop = nn.Dropout(config.hidden_dropout)
 
     def forward(self, h, cos, sin, mask, cache, layer_idx, cache_kwargs):
-        a = self.drop(self.attention(self.input_layernorm(h), cos, sin, mask, cache, layer_idx, cache_kwargs))
+        drop = self.drop if self.training else _identity  # no dropout calls at all in eval
+        a = drop(self.attention(self.input_layernorm(h), cos, sin, mask, cache, layer_idx, cache_kwargs))
         if self.use_parallel_residual:  # Pythia: x + attn(ln1(x)) + mlp(ln2(x))
-            return h + a + self.drop(self.mlp(self.post_attention_layernorm(h)))
+            return h + a + drop(self.mlp(self.post_attention_layernorm(h)))
         h = h + a
-        return h + self.drop(self.mlp(self.post_attention_layernorm(h)))
+        return h + drop(self.mlp(self.post_attention_layernorm(h)))
+
+
+def _identity(x):
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,9 +149,26 @@ class Recurrence(nn.Module):
                 # (feeding core iteration K + 1) instead of also feeding the coda when a call stops at K.
                 self.coda_routers = nn.ModuleList(nn.Linear(d, s) for _ in range(config.max_loops))
 
+    fused = None  # fuse_routers(): per pair, the write and read routers as one (2S, D) Linear
+
+    def fuse_routers(self) -> None:
+        """For inference: each pair's write and read routers become one Linear(D -> 2S) and one softmax
+        (half the router kernels per iteration). Checkpoints keep the two routers' keys; training must
+        not call this (the fused copies would not follow the weights)."""
+        if self.scheme == "mesh":
+            self.fused = [(torch.cat((w.weight, r.weight)), torch.cat((w.bias, r.bias)))
+                          for w, r in zip(self.write_routers, self.read_routers)]
+
+    def _routes(self, pair: int, h_router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(write weights, read weights), each (B, T, S): softmaxes of the pair's two routers."""
+        if self.fused is not None and not self.training:
+            w = F.linear(h_router, *self.fused[pair])  # (B, T, 2S)
+            w = w.unflatten(-1, (2, w.shape[-1] // 2)).softmax(dim=-1)  # (B, T, 2, S)
+            return w[..., 0, :], w[..., 1, :]
+        return F.softmax(self.write_routers[pair](h_router), dim=-1), F.softmax(self.read_routers[pair](h_router), dim=-1)
+
     def _write_read(self, pair: int, mem: torch.Tensor, h_router: torch.Tensor, h_write: torch.Tensor):
-        w_w = F.softmax(self.write_routers[pair](h_router), dim=-1)  # (B, T, S)
-        w_r = F.softmax(self.read_routers[pair](h_router), dim=-1)  # (B, T, S)
+        w_w, w_r = self._routes(pair, h_router)  # (B, T, S) each
         mem = mem + w_w.unsqueeze(-1) * h_write.unsqueeze(-2)  # (B, T, S, D): m_b += h * w_w,b
         h = (w_r.unsqueeze(-2) @ mem).squeeze(-2)  # (B, T, 1, S) @ (B, T, S, D) -> (B, T, D)
         return mem, h
@@ -373,10 +395,22 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
                       row_loops=None) -> "LayerContext":
         """What every layer application of one call needs besides h: rotary tables, mask, cache, depths."""
         K = self.config.default_loops if loops is None else loops
-        cos, sin = rotary_cos_sin(self.config, position_ids, self.embed_in.weight.dtype)  # (B, 1, T, rd)
+        cos, sin = self._rotary(position_ids)  # (B, 1, T, rd)
         B, T = position_ids.shape
         mask = self._attention_mask(attention_mask, B, T, past, position_ids.device)
         return LayerContext(cos, sin, mask, cache, past, K, row_loops)
+
+    def _rotary(self, position_ids: torch.Tensor):
+        """rotary_cos_sin, looked up in a table of every position computed once per device and dtype."""
+        dtype, n = self.embed_in.weight.dtype, self.config.max_position_embeddings
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].device != position_ids.device or table[0].dtype != dtype:
+            every = torch.arange(n, device=position_ids.device)[None]
+            table = self._rope_table = tuple(t[0, 0] for t in rotary_cos_sin(self.config, every, dtype))  # (n, rd) each
+        # past the table, compute (it is only a cache); checked on CPU only, where it costs no device sync
+        if position_ids.device.type == "cpu" and position_ids.numel() and int(position_ids.max()) >= n:
+            return rotary_cos_sin(self.config, position_ids, dtype)
+        return table[0][position_ids][:, None], table[1][position_ids][:, None]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h_emb = self.embed_in(input_ids)  # (B, T, D)

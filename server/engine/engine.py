@@ -186,6 +186,7 @@ class Engine:
                 raise ValueError("a tokenizer is needed along with the model")
             self.dtype, self.model_path = next(model.parameters()).dtype, None
         self.model, self.tokenizer = model.eval(), tokenizer
+        model.recurrence.fuse_routers()  # inference only: one router Linear and softmax per iteration
         cfg = model.config
         self.model_name = config.served_model_name or (self.model_path.name if self.model_path else "mesh")
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
