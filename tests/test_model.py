@@ -505,3 +505,20 @@ def test_per_depth_coda_reads_in_a_mixed_depth_batch():
     mixed = m(ids, loops=[3, 2, 1], use_cache=False).logits
     for i, k in enumerate([3, 2, 1]):
         torch.testing.assert_close(m(ids[i : i + 1], loops=k, use_cache=False).logits, mixed[i : i + 1], atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_fused_routers_match_and_keep_the_checkpoint_keys():
+    m = build("1+1R2+1", "mesh")
+    ids = rand_ids(2, 7)
+    keys = set(m.state_dict())
+    ref = m(ids, loops=3, use_cache=False).logits
+    m.recurrence.fuse_routers()
+    torch.testing.assert_close(m(ids, loops=3, use_cache=False).logits, ref, atol=1e-5, rtol=0)
+    assert set(m.state_dict()) == keys and m.recurrence.fused is not None
+    with torch.no_grad():  # in training mode the routers' own weights are used: a change shows at once
+        m.recurrence.write_routers[1].bias.add_(5.0)
+    m.train()
+    trained = m(ids, loops=3, use_cache=False).logits
+    m.eval()
+    assert not torch.allclose(trained, ref, atol=1e-3)
