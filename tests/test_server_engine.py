@@ -324,6 +324,10 @@ def test_stop_strings_cut_the_text(engine):
     out = engine.generate(["First Citizen:"], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=("zzz", stop)), loops=1)[0]
     assert out.text == text[:5] and out.finish_reason == "stop"
     assert len(out.token_ids) < len(full.token_ids) and out.token_ids == full.token_ids[: len(out.token_ids)]
+    # min_tokens: no stop string ends the text before that many tokens
+    keep = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,), min_tokens=24)
+    out = engine.generate(["First Citizen:"], keep, loops=1)[0]
+    assert (out.token_ids, out.text, out.finish_reason) == (full.token_ids, text, "length")
 
 
 def test_abort_frees_the_row_at_the_next_step(engine):

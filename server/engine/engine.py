@@ -287,7 +287,7 @@ class Engine:
         for p, ids in enumerate(prompts):
             leader = None
             for i in range(n):
-                detok = Detokenizer(self.decode, ids, params.stop) if params.detokenize else None
+                detok = Detokenizer(self.decode, ids, params.stop, min_tokens=params.min_tokens) if params.detokenize else None
                 seq = Sequence(ids, params, loops, request_id=request_id, index=p * n + i, sink=sink, detok=detok,
                                generator=params.generator(self.device, offset=i), leader=leader, auto=auto)
                 leader = leader or seq
