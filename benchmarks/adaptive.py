@@ -76,7 +76,72 @@ def text_part(model_dir: Path, text: str, windows: int, length: int) -> list[dic
         dt = time.perf_counter() - t0
         out.append({"setting": name, "nats_per_char": r["nll"] / r["tokens"] / chars_per_token,
                     "mean_loops": r["iterations"] / r["tokens"], "ms_per_token": 1e3 * dt / r["tokens"]})
+    times = generate_latency(engine, chunks[0][:16], [loops for _, loops in settings])
+    for row, t in zip(out, times):
+        row["ms_per_token_b1"] = t
     return out
+
+
+def generate_latency(engine: Engine, prompt: list[int], settings: list, tokens: int = 64, rounds: int = 6) -> list[float]:
+    """Median ms per generated token of one greedy request alone (batch 1), per setting; the settings take
+    turns in every round (order reversed every other round) so load changes hit them alike."""
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, detokenize=False)
+    times = [[] for _ in settings]
+    for r in range(rounds):
+        order = list(range(len(settings)))[:: 1 if r % 2 == 0 else -1]
+        for i in order:
+            t0 = time.perf_counter()
+            engine.generate([prompt], params, loops=settings[i])
+            times[i].append(1e3 * (time.perf_counter() - t0) / tokens)
+    return [statistics.median(t) for t in times]
+
+
+@torch.inference_mode()
+def criteria_part(model_dir: Path, text: str, length: int = 256) -> list[dict]:
+    """The two exit criteria side by side, teacher-forced over one held-out window with the full forward
+    (no K/V filling: an upper bound on what each criterion keeps): after each core iteration t, the
+    relative change of h and the KL between the next-token distributions of iterations t and t-1 (which
+    needs the coda and the head at every iteration). For each criterion and threshold: the mean exit
+    iteration, nats/char at exit, and the layer applications spent per token, the KL check's extra codas
+    and heads included (counted as D layers + 1 head, a head costing about one layer here)."""
+    engine = Engine(EngineConfig(model=model_dir), metrics=False)
+    m, cfg = engine.model, engine.model.config
+    ids = engine.encode(text[-(len(text) // 10):])[: length + 1]
+    x, y = torch.tensor([ids[:-1]]), torch.tensor(ids[1:])
+    chars_per_token = len(engine.decode(ids[1:])) / len(y)
+    ctx = m.layer_context(torch.arange(len(ids) - 1)[None], loops=cfg.max_loops)
+    state, lps, rel = m.start(m.embed(x), ctx), [], []
+    for t in range(cfg.max_loops):
+        prev = state["h"]
+        state = m.iterate(state, t, t + 1, ctx)
+        rel.append(((state["h"] - prev).norm(dim=-1) / prev.norm(dim=-1))[0])  # (T,)
+        lps.append(m.compute_logits(m.finish(state, ctx))[0].float().log_softmax(-1))  # (T, V)
+    kl = [None] + [(lps[t].exp() * (lps[t] - lps[t - 1])).sum(-1) for t in range(1, cfg.max_loops)]
+    nll = torch.stack([-lp.gather(1, y[:, None])[:, 0] for lp in lps])  # (K, T)
+    out = []
+    for crit, values, thresholds in (("relative change", rel, THRESHOLDS), ("KL", kl, (1e-4, 5e-4, 2e-3, 1e-2))):
+        for thr in thresholds:
+            exit_ = torch.full((len(y),), cfg.max_loops)
+            for t in range(cfg.max_loops - 1, 0 if crit == "KL" else -1, -1):  # the first t whose check passes
+                exit_ = torch.where(values[t] < thr, torch.tensor(t + 1), exit_)
+            e = exit_.float()
+            checks = cfg.n_coda + 1 if crit == "KL" else 0
+            layers = cfg.n_prelude + e * cfg.n_core + cfg.n_coda + e * checks
+            picked = nll.gather(0, (exit_ - 1)[None])[0]
+            out.append({"criterion": crit, "threshold": thr, "mean_exit": float(e.mean()),
+                        "nats_per_char": float(picked.mean()) / chars_per_token, "layers_per_token": float(layers.mean())})
+    for k in range(1, cfg.max_loops + 1):
+        out.append({"criterion": "fixed", "threshold": None, "mean_exit": float(k),
+                    "nats_per_char": float(nll[k - 1].mean()) / chars_per_token,
+                    "layers_per_token": float(cfg.num_layer_applications(k))})
+    return out
+
+
+def print_criteria(rows: list[dict]) -> None:
+    print("| criterion | threshold | mean exit iteration | nats/char | layer applications/token |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        thr = "" if r["threshold"] is None else f"{r['threshold']:g}"
+        print(f"| {r['criterion']} | {thr} | {r['mean_exit']:.2f} | {r['nats_per_char']:.4f} | {r['layers_per_token']:.2f} |")
 
 
 def chains_part(model_dir: Path, n: int, hops: list[int]) -> list[dict]:
@@ -116,9 +181,11 @@ def answer_latency(engine: Engine, problems, params: SamplingParams, loops) -> f
 
 
 def print_text(rows: list[dict]) -> None:
-    print("| setting | nats/char | mean loops/token | ms/token (batched) |\n|---|---:|---:|---:|")
+    print("| setting | nats/char | mean loops/token | ms/token (16 rows, forced) | ms/token (batch 1, generate) |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['setting']} | {r['nats_per_char']:.4f} | {r['mean_loops']:.2f} | {r['ms_per_token']:.2f} |")
+        print(f"| {r['setting']} | {r['nats_per_char']:.4f} | {r['mean_loops']:.2f} | {r['ms_per_token']:.2f} | "
+              f"{r['ms_per_token_b1']:.2f} |")
 
 
 def print_chains(rows: list[dict], hops: list[int]) -> None:
@@ -141,8 +208,10 @@ def main(argv=None) -> int:
     result = {"command": "python -m benchmarks.adaptive " + " ".join(argv if argv is not None else sys.argv[1:])}
     text = Path(args.text)
     if text.is_file():
-        result["text"] = text_part(Path(args.model), text.read_text(encoding="utf-8"), 8 if args.quick else 16,
-                                   65 if args.quick else 129)
+        raw = text.read_text(encoding="utf-8")
+        result["criteria"] = criteria_part(Path(args.model), raw, 128 if args.quick else 512)
+        print_criteria(result["criteria"])
+        result["text"] = text_part(Path(args.model), raw, 8 if args.quick else 16, 65 if args.quick else 129)
         print_text(result["text"])
     else:
         print(f"no text at {text}: text part skipped", file=sys.stderr)

@@ -128,11 +128,18 @@ class ModelRunner:
             active = [r for r in active if t < exits[r]]
             if not active:
                 break
-            idx = torch.tensor(active, device=self.device)
-            sub = {name: v.index_select(0, idx) for name, v in state.items()}
-            new = m.recurrence.step(t, sub, self._core_rows(sub["h"], ctx, t, idx))
-            for name, v in new.items():
-                state[name] = state[name].index_copy(0, idx, v)
+            if active[-1] == len(active) - 1:  # a prefix of the batch (always at batch 1): no gathers
+                k = len(active)
+                self.kv.row_index = None
+                sub = {name: v[:k] for name, v in state.items()}
+                new = m.recurrence.step(t, sub, m._run(m.core, sub["h"], ctx, "core", t))
+                state = {name: torch.cat((v, state[name][k:])) if k < n else v for name, v in new.items()}
+            else:
+                idx = torch.tensor(active, device=self.device)
+                sub = {name: v.index_select(0, idx) for name, v in state.items()}
+                new = m.recurrence.step(t, sub, self._core_rows(sub["h"], ctx, t, idx))
+                for name, v in new.items():
+                    state[name] = state[name].index_copy(0, idx, v)
             change = ((new["h"] - sub["h"]).norm(dim=-1) / sub["h"].norm(dim=-1).clamp(min=1e-12)).view(-1).tolist()
             for r, c in zip(active, change):
                 a = seqs[r].auto
@@ -168,15 +175,18 @@ class ModelRunner:
 
     def _fill_skipped(self, seqs: list[Sequence], exits: list[int]) -> None:
         """Copies an early-exited token's K/V of its last iteration into the iterations it skipped."""
-        cfg = self.model.config
-        src, dst = [], []
+        cfg, slot = self.model.config, self.kv.slot
+        rows, src, dst = [], [], []
         for r, (seq, e) in enumerate(zip(seqs, exits)):
             for t in range(e, seq.loops if seq.auto else e):
                 for j in range(cfg.n_core):
-                    src.append(self.kv.write_index[r, self.kv.slot[("core", j, e - 1)]])
-                    dst.append(self.kv.write_index[r, self.kv.slot[("core", j, t)]])
-        if dst:
-            src_t, dst_t = torch.stack(src), torch.stack(dst)
+                    rows.append(r)
+                    src.append(slot[("core", j, e - 1)])
+                    dst.append(slot[("core", j, t)])
+        if rows:
+            rows_t = torch.tensor(rows, device=self.device)
+            src_t = self.kv.write_index[rows_t, torch.tensor(src, device=self.device)]
+            dst_t = self.kv.write_index[rows_t, torch.tensor(dst, device=self.device)]
             self.kv.k_flat.index_copy_(0, dst_t, self.kv.k_flat.index_select(0, src_t))
             self.kv.v_flat.index_copy_(0, dst_t, self.kv.v_flat.index_select(0, src_t))
 
