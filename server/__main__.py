@@ -153,19 +153,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"python -m server: error: {e}", file=sys.stderr)
         return 2
-    cfg = engine.model.config
-    logging.getLogger("server").info(
-        "serving %s (%s, scheme %s, loops 1..%d, default %d) on %s (%d threads), %s, max_model_len %d, "
-        "at http://%s:%d",
-        engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops, engine.device, torch.get_num_threads(),
-        str(engine.dtype).replace("torch.", ""), engine.max_model_len, args.host, args.port,
-    )
-    log = logging.getLogger("server")
-    log.info("%s", engine.describe_pool())
-    log.info("API keys: %s; /metrics %s; request body <= %d bytes; request timeout %s; shutdown grace %g s",
-             f"{len(keys)} configured" if keys else "none (open to anyone who can reach the port)",
-             "needs a key" if keys and args.metrics_require_key else "open", args.max_request_bytes,
-             f"{args.request_timeout:g} s" if args.request_timeout else "none", args.shutdown_grace)
+    log_startup(engine, args, keys)
     app = create_app(engine, api_keys=keys, metrics_require_key=args.metrics_require_key,
                      max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout or None,
                      ui=not args.no_ui)
@@ -189,6 +177,22 @@ def main(argv=None) -> int:
         print(f"python -m server: error: the engine stopped ({type(engine.error).__name__}: {engine.error})", file=sys.stderr)
         return 1
     return 0 if server.started else 1
+
+
+def log_startup(engine, args: argparse.Namespace, keys: list[str]) -> None:
+    """What is served, where, with what K/V pool and which protections: the first lines an operator reads."""
+    import torch
+
+    cfg, log = engine.model.config, logging.getLogger("server")
+    log.info("serving %s (%s, scheme %s, loops 1..%d, default %d) on %s (%d threads), %s, max_model_len %d, "
+             "at http://%s:%d", engine.model_name, cfg.layout, cfg.scheme, cfg.max_loops, cfg.default_loops,
+             engine.device, torch.get_num_threads(), str(engine.dtype).replace("torch.", ""), engine.max_model_len,
+             args.host, args.port)
+    log.info("%s", engine.describe_pool())
+    log.info("API keys: %s; /metrics %s; request body <= %d bytes; request timeout %s; shutdown grace %g s",
+             f"{len(keys)} configured" if keys else "none (open to anyone who can reach the port)",
+             "needs a key" if keys and args.metrics_require_key else "open", args.max_request_bytes,
+             f"{args.request_timeout:g} s" if args.request_timeout else "none", args.shutdown_grace)
 
 
 def watch_engine(engine, server, interval: float = 0.2) -> None:

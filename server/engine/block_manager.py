@@ -33,7 +33,7 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, config: MeshConfig, num_units: int, block_size: int, max_model_len: int,
+    def __init__(self, config: MeshConfig, num_units: int, block_size: int, max_model_len: int, *,
                  enable_prefix_caching: bool = True, watermark: float = 0.01, clear=None):
         self.config, self.block_size, self.num_units = config, block_size, num_units
         self.max_blocks = -(-max_model_len // block_size)  # per sequence

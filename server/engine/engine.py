@@ -152,7 +152,7 @@ class Engine:
                              f"{config.block_size} tokens at loops={cfg.max_loops}: raise --kv-cache-mb")
         self.kv = PagedKVCache(cfg, num_units, config.block_size, self.dtype, self.device)
         self.blocks = BlockManager(cfg, num_units, config.block_size, self.max_model_len,
-                                   config.enable_prefix_caching, clear=self.kv.clear)
+                                   enable_prefix_caching=config.enable_prefix_caching, clear=self.kv.clear)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_batch_size)
         if config.speculative_loops >= cfg.max_loops:
             raise ValueError(f"speculative_loops {config.speculative_loops} must be below the model's max_loops "
