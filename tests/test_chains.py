@@ -84,13 +84,15 @@ def test_training_queries_put_the_deepest_first(replace):
 def test_training_rows_label_only_answer_digits():
     rng = np.random.default_rng(1)
     ids, labels, label_hops = chains.training_row(rng, 4, 6)
-    text = "".join(chains.ALPHABET[i - len(chains.SPECIAL)] for i in ids)
+    inv = {i: t for t, i in chains.VOCAB.items()}
+    tokens = [inv[i] for i in ids]
+    text = "".join(tokens)
     labelled = [i for i, t in enumerate(labels) if t != chains.IGNORE]
     assert len(labelled) == len(label_hops) == 6
-    assert all(text[i] == "=" and text[i - 2] == "?" for i in labelled)  # the '=' of each "?x=" predicts
+    assert all(tokens[i].endswith("=") and tokens[i - 1] == "?" for i in labelled)  # the "x=" of each query predicts
     values, hops = solve(text.split(";?")[0])
     for i, h in zip(labelled, label_hops):
-        var = text[i - 1]
+        var = tokens[i][0]
         assert labels[i] == chains.VOCAB[str(values[var])] and h == hops[var]
 
 
@@ -100,7 +102,8 @@ def test_character_tokenizer_matches_encode():
     assert tok(line, add_special_tokens=False)["input_ids"] == chains.encode(line)
     assert tok.decode(chains.encode(line)) == line
     assert tok("A", add_special_tokens=False)["input_ids"] == [chains.UNK_ID]  # unknown characters do not fail
-    assert len(set(chains.VOCAB.values())) == len(chains.VOCAB) == len(chains.SPECIAL) + len(chains.ALPHABET)
+    assert len(set(chains.VOCAB.values())) == len(chains.VOCAB) == len(chains.SPECIAL) + len(chains.ALPHABET) + 26
+    assert [tok.decode([i]) for i in chains.encode("b=c-1")] == ["b=", "c", "-", "1"]  # a key and its '=' are one token
 
 
 def test_ranges_and_lists():

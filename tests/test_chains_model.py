@@ -14,7 +14,7 @@ from training.depth import unused_parameters
 from training.tasks import chains
 from training.train import depth_logits
 
-SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, max_loops=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+SMALL = dict(vocab_size=128, hidden_size=32, num_attention_heads=2, max_loops=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1)
 
 
 def small_model(seed=0, **kw) -> MeshForCausalLM:
@@ -23,7 +23,7 @@ def small_model(seed=0, **kw) -> MeshForCausalLM:
 
 
 def ids(seed=0) -> torch.Tensor:
-    return torch.tensor([chains.encode(chains.make_problem(chains.rng_for("test", seed, i), 3).prompt())[:30] for i in range(2)])
+    return torch.tensor([chains.encode(chains.make_problem(chains.rng_for("test", seed, i), 3).prompt())[:20] for i in range(2)])
 
 
 def test_coda_read_routers_are_one_per_depth_and_need_mesh():

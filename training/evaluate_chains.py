@@ -24,7 +24,8 @@ import torch
 from .common import UsageError, parse_int_list, pick_device, run_cli
 from .tasks import chains
 
-ID_TO_CHAR = {i: c for c, i in chains.VOCAB.items()}
+# The first character of each token as text (special tokens print nothing), as a completion starts.
+ID_TO_CHAR = {i: t[:1] for t, i in chains.VOCAB.items() if t not in chains.SPECIAL}
 
 
 @torch.no_grad()
