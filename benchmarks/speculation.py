@@ -21,7 +21,7 @@ baseline (plain decoding at the same depth), the order reversed every other roun
 the median over rounds of per-round ratios. Speedups are wall-clock; the same ratio in process CPU time
 (one thread: time not spent waiting for a core) is printed beside it as a check on the load.
 
-    python -m benchmarks.speculation                       # full run (~7 min): docs/speculation.json
+    python -m benchmarks.speculation                       # full run (2-4 min): docs/speculation.json
     python -m benchmarks.speculation --quick --out /tmp/spec-quick.json   # about a minute
 """
 
@@ -44,10 +44,10 @@ from .decode import hf_model, vanilla_twin
 
 COMMAND = "python -m benchmarks.speculation"
 PLANS = {
-    "full": dict(prompts=2, prompt_len=32, new_tokens=128, reps=5, depths=(4, 3), ds=(1, 2), gs=(2, 3, 4, 6),
+    "full": dict(prompts=2, prompt_len=32, new_tokens=128, reps=5, depths=(4, 3), ds=(1, 2), gs=(2, 3, 4, 6, 8),
                  conc_rows=32, conc_tokens=32, conc_reps=6, batches=(1, 2, 4, 8, 16, 32), sweep_tokens=24, sweep_reps=3),
-    "quick": dict(prompts=2, prompt_len=32, new_tokens=64, reps=2, depths=(4, 3), ds=(1, 2), gs=(3,),
-                  conc_rows=32, conc_tokens=16, conc_reps=2, batches=(1, 8, 32), sweep_tokens=12, sweep_reps=2),
+    "quick": dict(prompts=2, prompt_len=32, new_tokens=64, reps=2, depths=(4, 3), ds=(1, 2), gs=(3, 6),
+                  conc_rows=32, conc_tokens=16, conc_reps=2, batches=(1, 2, 8, 32), sweep_tokens=12, sweep_reps=2),
     "tiny": dict(prompts=2, prompt_len=8, new_tokens=10, reps=1, depths=(4, 3), ds=(1, 2), gs=(3,),
                  conc_rows=4, conc_tokens=6, conc_reps=1, batches=(1, 4), sweep_tokens=6, sweep_reps=1),
 }
