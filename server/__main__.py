@@ -40,6 +40,9 @@ FLAGS = [
                                     "depth and verify them at their own in one pass that resumes the drafts' "
                                     "recurrence (identical tokens, fewer full-depth steps); 0 = off"),
     ("--num-speculative-tokens", int, 3, "tokens drafted per speculation round (with --speculative-loops)"),
+    ("--speculative-max-batch", int, 1, "greedy and unseeded requests draft only while at most this many "
+                                        "sequences run (drafting stops paying from 2 rows on a CPU, "
+                                        "docs/SPECULATION.md); seeded sampled requests always draft"),
     ("--served-model-name", str, None, "the model name clients send; default the model directory's name"),
     ("--threads", int, 0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores). On a "
                           "busy or small machine 1 is often fastest: decode steps are many small operations"),
@@ -147,6 +150,7 @@ def main(argv=None) -> int:
             block_size=args.block_size, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=bool(args.enable_prefix_caching),
             speculative_loops=args.speculative_loops, num_speculative_tokens=args.num_speculative_tokens,
+            speculative_max_batch=args.speculative_max_batch,
             served_model_name=args.served_model_name,
         )
         engine = Engine(config)

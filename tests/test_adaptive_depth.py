@@ -28,7 +28,7 @@ def test_auto_depth_bounds_in_a_mixed_batch(ckpt):
     """Threshold 0 never converges: every token runs max_loops and the text is depth-4 decoding. An
     unreachable threshold stops every token at min_loops. Fixed-depth rows and drafting rows in the same
     batch still give generate()'s tokens."""
-    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1), metrics=False)
+    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1, speculative_max_batch=64), metrics=False)
     ids = [eng.encode(p) for p in PROMPTS]
     fixed = [(k, s) for k in (4, 2, 1) for s in eng.add_request(ids, GREEDY, loops=k)]
     never = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=1, exit_threshold=0.0))

@@ -31,7 +31,7 @@ def test_greedy_speculation_matches_generate_in_a_mixed_batch(ckpt):
     decodes plainly: its penalties would have to see the drafts): every greedy row equals generate(), the
     sampled row equals its text with speculation off, and loop_steps counts the drafts' iterations and the
     verify passes'."""
-    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1, num_speculative_tokens=3), metrics=False)
+    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1, num_speculative_tokens=3, speculative_max_batch=64), metrics=False)
     seqs = [(p, k, eng.add_request([eng.encode(p)], GREEDY, loops=k)[0]) for k in (4, 1, 3, 2) for p in PROMPTS]
     seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True, presence_penalty=0.5)
     (sampled,) = eng.add_request([eng.encode(PROMPTS[0])], seeded, loops=4)
@@ -51,7 +51,7 @@ def test_greedy_speculation_matches_generate_in_a_mixed_batch(ckpt):
 
 
 def test_max_tokens_and_stop_strings_cut_an_accepted_run(ckpt):
-    spec = Engine(EngineConfig(model=ckpt, speculative_loops=2, num_speculative_tokens=4), metrics=False)
+    spec = Engine(EngineConfig(model=ckpt, speculative_loops=2, num_speculative_tokens=4, speculative_max_batch=64), metrics=False)
     plain = Engine(EngineConfig(model=ckpt), metrics=False)
     for max_tokens in (1, 2, 5, 7):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -75,7 +75,7 @@ def test_preemption_and_abort_in_the_middle_of_a_round(ckpt, monkeypatch):
     dropped, the row recomputes its verified tokens) and by an abort; the outputs still equal generate()'s
     and every block comes back."""
     eng = Engine(EngineConfig(model=ckpt, kv_cache_mb=0.25, max_num_batched_tokens=32, max_batch_size=16, speculative_loops=1,
-                              num_speculative_tokens=3), metrics=False)
+                              num_speculative_tokens=3, speculative_max_batch=64), metrics=False)
     cut = []
     real = eng.scheduler._preempt
     monkeypatch.setattr(eng.scheduler, "_preempt", lambda s: cut.append(len(s.draft_ids)) or real(s))
@@ -91,6 +91,23 @@ def test_preemption_and_abort_in_the_middle_of_a_round(ckpt, monkeypatch):
     for s in seqs:
         assert same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, s.loops, 40))
     assert eng.blocks.num_used == 0
+
+
+def test_drafting_stops_above_the_crossover_except_for_seeded_rows(ckpt):
+    """With the default --speculative-max-batch 1 a greedy row drafts alone but not beside others; a
+    seeded sampled row drafts in any batch (its draws must not depend on the batch), so its text is the
+    same alone and in a busy batch."""
+    eng = Engine(EngineConfig(model=ckpt, speculative_loops=1), metrics=False)
+    (alone,) = eng.add_request([eng.encode(PROMPTS[0])], GREEDY, loops=4)
+    run_all(eng)
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    (solo,) = eng.add_request([eng.encode(PROMPTS[1])], seeded, loops=4)
+    run_all(eng)
+    busy = eng.add_request([eng.encode(p) for p in PROMPTS], GREEDY, loops=4)
+    (crowded,) = eng.add_request([eng.encode(PROMPTS[1])], seeded, loops=4)
+    run_all(eng)
+    assert alone.num_drafted > 0 and all(s.num_drafted == 0 for s in busy)
+    assert solo.num_drafted > 0 and crowded.num_drafted > 0 and crowded.output_ids == solo.output_ids
 
 
 def test_speculation_settings_are_checked(ckpt):
@@ -139,7 +156,7 @@ def test_speculative_sampling_keeps_the_depth_k_distribution(ckpt):
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 8, (3,), generator=gen).tolist() for _ in range(400)]
     spec = Engine(EngineConfig(speculative_loops=1, num_speculative_tokens=3, max_batch_size=400, max_waiting=400,
-                               max_num_batched_tokens=1600), model=model, tokenizer=tok, metrics=False)
+                               max_num_batched_tokens=1600, speculative_max_batch=400), model=model, tokenizer=tok, metrics=False)
     plain = Engine(EngineConfig(max_batch_size=400, max_waiting=400, max_num_batched_tokens=1600), model=model,
                    tokenizer=tok, metrics=False)
     with_spec, seqs = bigram_counts(spec, prompts, 3, 10**6, 8)

@@ -78,10 +78,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculative_loops: int = 0  # d > 0: greedy rows deeper than d draft at depth d and verify at their own
     num_speculative_tokens: int = 3  # g: drafts per speculation round
+    speculative_max_batch: int = 1  # greedy and unseeded rows start rounds only while at most this many rows decode
     served_model_name: str | None = None  # the `model` name clients use; default the directory name
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_waiting", "block_size", "max_num_batched_tokens"):
+        for name in ("max_batch_size", "max_waiting", "block_size", "max_num_batched_tokens", "speculative_max_batch"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
@@ -366,11 +367,17 @@ class Engine:
 
     # ---- self-speculation: draft at depth d, verify at depth K ------------------------------------
     def _plan_round(self, seq: Sequence) -> None:
-        """Starts a speculation round for a decoding greedy row deeper than the draft depth. Whether a row
-        drafts depends only on its own request, never on the batch."""
+        """Starts a speculation round for a decoding row deeper than the draft depth. For a seeded sampled
+        row, whether it drafts depends only on its own request, never on the batch."""
         d, left = self.config.speculative_loops, seq.params.max_tokens - len(seq.output_ids)
         # penalized sampled rows decode plainly: their penalties would have to see the drafts
         if seq.spec_tokens or seq.auto or seq.loops <= d or left < 2 or (not seq.params.greedy and seq.params.penalized):
+            return
+        # Above the crossover (docs/SPECULATION.md: 2 rows on this CPU) drafting costs more than it saves. Only
+        # rows whose text cannot depend on it stop: greedy ones and unseeded sampled ones; a seeded row keeps
+        # drafting whatever the batch, so its random draws (and its text) stay batch-invariant.
+        busy = len(self.scheduler.running) > self.config.speculative_max_batch
+        if busy and (seq.params.greedy or seq.params.seed is None):
             return
         seq.spec_tokens = min(self.config.num_speculative_tokens, left)
 
