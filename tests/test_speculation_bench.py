@@ -25,7 +25,9 @@ def test_greedy_tokens_equal_with_and_without_speculation(tiny):
     ident = tiny["batch1"]["identity"]
     configs = sum(d < k for k in plan["depths"] for d in plan["ds"] for _ in plan["gs"])
     assert ident["rows"] == plan["reps"] * configs and ident["equal"] == ident["rows"], ident
-    assert tiny["concurrency"]["mixed"]["identical_rows"] == plan["conc_rows"]
+    mixed = tiny["concurrency"]["mixed"]
+    assert mixed["default"]["identical_rows"] == mixed["always"]["identical_rows"] == plan["conc_rows"]
+    assert mixed["always"]["drafted"] > 0  # every row deeper than d drafts; the default stops above the crossover
 
 
 def test_every_round_is_accounted(tiny):
@@ -47,7 +49,9 @@ def test_concurrency_sweep_and_targets(tiny):
     assert [r["rows"] for r in conc["sweep"]] == tiny["plan"]["batches"]
     assert conc["crossover_rows"] in (*tiny["plan"]["batches"], None)
     for r in (conc["mixed"], *conc["sweep"]):
-        assert r["tok_s_on"] > 0 and r["tok_s_off"] > 0 and math.isfinite(r["ratio"]), r
+        for v in (r.get("default"), r["always"]):
+            if v is not None:
+                assert v["tok_s"] > 0 and r["tok_s_off"] > 0 and math.isfinite(v["ratio"]), r
     assert tiny["hf"]["ratio_plain"] > 0 and tiny["hf"]["ratio_speculative"] > 0
     names = " ".join(t["target"] for t in tiny["targets"])
     for what in ("speedup at depth 4", "share of the bound", "mixed depths", "identical", "HF"):
