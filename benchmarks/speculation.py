@@ -263,10 +263,11 @@ def hf_summary(res: dict, rows: list[dict], k: int) -> dict:
 
 
 # ---- 2. concurrency ------------------------------------------------------------------------------
-def on_off(subject, rows: int, depths: list[int], spec, tokens: int, reps: int, prompt_len: int, variants: dict,
-           bar=None) -> dict:
-    """`rows` rows in one engine, speculation off sandwiching each variant (name -> --speculative-max-batch,
-    None for the engine's default) of speculation on with spec = (d, g) -> decode tokens/s and ratios."""
+def on_off(subject, depths: list[int], spec, shape: dict, variants: dict, bar=None) -> dict:
+    """One row per depth in one engine (shape: tokens, reps, prompt_len), speculation off sandwiching each
+    variant (name -> --speculative-max-batch, None for the engine's default) of speculation on with
+    spec = (d, g) -> decode tokens/s and ratios."""
+    rows, tokens, reps, prompt_len = len(depths), shape["tokens"], shape["reps"], shape["prompt_len"]
     seq_len = prompt_len + tokens + 2
     eng = {name: engines(subject, rows, seq_len, [spec], mb)[spec] for name, mb in variants.items()}
     off = engines(subject, rows, seq_len, [])[None]
@@ -294,10 +295,10 @@ def section_concurrency(subject, plan: dict, spec, quiet: bool) -> dict:
     n, kmax = plan["conc_rows"], subject.config.max_loops
     with tqdm(total=plan["conc_reps"] + plan["sweep_reps"] * len(plan["batches"]), desc="concurrency", disable=quiet,
               leave=False) as bar:
-        mixed = on_off(subject, n, [1 + i % kmax for i in range(n)], spec, plan["conc_tokens"], plan["conc_reps"],
-                       plan["prompt_len"], {"default": None, "always": n}, bar)
-        sweep = [on_off(subject, b, [kmax] * b, spec, plan["sweep_tokens"], plan["sweep_reps"], plan["prompt_len"],
-                        {"always": b}, bar) for b in plan["batches"]]
+        shape = dict(tokens=plan["conc_tokens"], reps=plan["conc_reps"], prompt_len=plan["prompt_len"])
+        mixed = on_off(subject, [1 + i % kmax for i in range(n)], spec, shape, {"default": None, "always": n}, bar)
+        shape = dict(tokens=plan["sweep_tokens"], reps=plan["sweep_reps"], prompt_len=plan["prompt_len"])
+        sweep = [on_off(subject, [kmax] * b, spec, shape, {"always": b}, bar) for b in plan["batches"]]
     mixed["depths"] = f"1..{kmax}, {n // kmax} rows each"
     losing = [r["rows"] for r in sweep if r["always"]["ratio"] < 1.0]
     return {"mixed": mixed, "sweep_loops": kmax, "sweep": sweep, "crossover_rows": losing[0] if losing else None}
