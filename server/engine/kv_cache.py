@@ -6,7 +6,7 @@
 It is the only K/V memory the engine holds, so its size is a hard cap. The model's attention calls
 ``attend(q, k, v, cache_kwargs)`` for every layer application; before a forward the runner calls
 `begin_decode` (one token for each of n rows, rows sorted deepest first) or `begin_chunk` (T tokens of
-one sequence). Per paged slot (model.paged_slot), a row's unit ids come from its block table, so:
+each of n sequences: a prompt chunk, or verify passes). Per paged slot (model.paged_slot), a row's unit ids come from its block table, so:
 
 - the new K/V go to ``unit * block_size + position % block_size`` (one index_copy_ per tensor);
 - the keys a row attends over are its units gathered in order, (n, blocks * block_size, nh, hs),
@@ -71,19 +71,20 @@ class PagedKVCache:
         # An additive mask, built once a step: a boolean one is converted inside every attention call.
         self.mask = torch.zeros(visible.shape, dtype=self.kv.dtype, device=self.kv.device).masked_fill_(~visible, float("-inf"))
 
-    def begin_chunk(self, table: torch.Tensor, start: int, T: int) -> None:
-        """One sequence's tokens start .. start+T-1; table (slots, blocks) covers them."""
-        bs = self.block_size
-        pos = torch.arange(start, start + T, device=table.device)
-        nb = -(-(start + T) // bs)
-        self.tables = table[None, :, :nb]  # (1, slots, nb)
-        self.write_index = table[:, pos // bs] * bs + pos % bs  # (slots, T)
-        self.decoding, self.start, self.T = False, start, T
-        if start:
-            S = nb * bs
-            q_pos = pos[:, None]
-            keys = torch.arange(S, device=table.device)[None, :]
-            self.mask = (keys <= q_pos).view(1, 1, T, S)  # causal, over the cached past too
+    def begin_chunk(self, tables: torch.Tensor, starts: list[int], T: int) -> None:
+        """T tokens of each of n sequences, sequence i's from starts[i] on (a prompt chunk: n = 1; verify
+        passes of equal length: n >= 1); tables (n, slots, blocks) cover them."""
+        bs, device = self.block_size, tables.device
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
+        nb = -(-(max(starts) + T) // bs)
+        self.tables = tables[:, :, :nb]  # (n, slots, nb)
+        blk = (pos // bs)[:, None, :].expand(-1, tables.shape[1], -1)  # (n, slots, T)
+        self.write_index = tables.gather(2, blk) * bs + (pos % bs)[:, None, :]  # (n, slots, T)
+        self.decoding = False
+        if max(starts) or len(starts) > 1:
+            keys = torch.arange(nb * bs, device=device)
+            visible = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, S): causal over the cached past
+            self.mask = torch.zeros(visible.shape, dtype=self.kv.dtype, device=device).masked_fill_(~visible, float("-inf"))
         else:
             self.mask = None
 
@@ -99,10 +100,10 @@ class PagedKVCache:
             self.k_flat.index_copy_(0, idx, k[:, :, 0])
             self.v_flat.index_copy_(0, idx, v[:, :, 0])
         else:
-            idx = self.write_index[slot]
-            self.k_flat.index_copy_(0, idx, k[0].transpose(0, 1))
-            self.v_flat.index_copy_(0, idx, v[0].transpose(0, 1))
-            if self.mask is None:  # a chunk at position 0 attends to itself only
+            idx = self.write_index[:n, slot].reshape(-1)  # (n * T,)
+            self.k_flat.index_copy_(0, idx, k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1]))
+            self.v_flat.index_copy_(0, idx, v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1]))
+            if self.mask is None:  # one chunk at position 0 attends to itself only
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         units = self.tables[:n, slot].reshape(-1)  # (n * nb,)
         S = units.shape[0] // n * self.block_size

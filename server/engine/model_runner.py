@@ -61,9 +61,13 @@ class ModelRunner:
         if decode:
             parts.append(self.decode(decode))
             out.seqs += decode
+        verifying = sorted((s for s, _ in rows if s.verifying), key=lambda s: -s.loops)
+        for g in dict.fromkeys(s.spec_tokens for s in verifying):  # one forward per draft length
+            group = [s for s in verifying if s.spec_tokens == g]
+            out.verify.update(zip(group, self.verify(group)))
         for seq, n in rows:
             if seq.verifying:
-                out.verify[seq] = self.verify(seq)
+                continue
             elif not self.is_decode(seq, n):
                 last, prompt = self.chunk(seq, n)
                 if last is not None:
@@ -190,17 +194,22 @@ class ModelRunner:
             self.kv.k_flat.index_copy_(0, dst_t, self.kv.k_flat.index_select(0, src_t))
             self.kv.v_flat.index_copy_(0, dst_t, self.kv.v_flat.index_select(0, src_t))
 
-    def verify(self, seq: Sequence) -> torch.Tensor:
-        """Resumes the round's draft inputs from their saved states: core iterations draft_loops .. K-1 and
-        the coda at depth K, for positions num_computed .. + spec_tokens - 1 -> depth-K logits (g, V).
-        Their prelude and shallow iterations were computed by the drafts and are not run again."""
-        start, g = seq.num_computed, seq.spec_tokens
-        state = {name: torch.cat([st[name] for st in seq.draft_states], dim=1) for name in seq.draft_states[0]}  # (1, g, ...)
-        self.kv.begin_chunk(seq.table.to(self.device), start, g)
-        m = self.model
-        ctx = m.layer_context(torch.arange(start, start + g, device=self.device)[None], cache=self.kv, loops=seq.loops)
-        state = m.iterate(state, self.draft_loops, seq.loops, ctx)
-        return m.compute_logits(m.finish(state, ctx)[0])
+    def verify(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Resumes the rounds' draft inputs of `seqs` (deepest first, all with g drafts) from their saved
+        states: core iterations draft_loops .. K-1 and the coda at each row's depth K, for positions
+        num_computed .. + g - 1, in one forward -> depth-K logits (n, g, V). Their prelude and shallow
+        iterations were computed by the drafts and are not run again."""
+        g, m = seqs[0].spec_tokens, self.model
+        starts = [s.num_computed for s in seqs]
+        state = {name: torch.cat([torch.cat([st[name] for st in s.draft_states], dim=1) for s in seqs])
+                 for name in seqs[0].draft_states[0]}  # (n, g, ...)
+        self.kv.begin_chunk(torch.stack([s.table for s in seqs]).to(self.device), starts, g)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(g, device=self.device)
+        depths = [s.loops for s in seqs]
+        row_loops = None if depths[0] == depths[-1] else depths
+        ctx = m.layer_context(positions, cache=self.kv, loops=depths[0], row_loops=row_loops)
+        state = m.iterate(state, self.draft_loops, depths[0], ctx)
+        return m.compute_logits(m.finish(state, ctx))
 
     def chunk(self, seq: Sequence, T: int):
         """T tokens of one sequence from its num_computed on -> (last-position logits (1, V) when this
@@ -209,7 +218,7 @@ class ModelRunner:
         start = seq.num_computed
         seq.last_exit = seq.loops  # prompts run every iteration, "auto" ones too
         ids = torch.tensor([seq.token_ids[start : start + T]], device=self.device)
-        self.kv.begin_chunk(seq.table.to(self.device), start, T)
+        self.kv.begin_chunk(seq.table[None].to(self.device), [start], T)
         pos = torch.arange(start, start + T, device=self.device)[None]
         want_prompt = seq.wants_prompt_logprobs
         logits, _ = self._forward(ids, pos, seq.loops, None, keep_all=want_prompt)
