@@ -1,10 +1,13 @@
-"""The depth-elastic training loop (nanoGPT-style, one file).
+"""The depth-elastic training loop (nanoGPT-style): build_run sets a Run up, train_step does one step.
 
     python -m training.train --config training/configs/tiny.toml --data DATA_DIR --out RUN_DIR
+    python -m training.train --config training/configs/chains.toml --out RUN_DIR   # generated problems
     torchrun --nproc_per_node 8 -m training.train --config training/configs/mesh-160m.toml --out RUN_DIR
 
 Every optimizer step draws one recursion depth K (fixed / uniform / heavy-tailed, see depth.py)
-and a global batch of random windows, both pure functions of (seed, step). Rank r of W takes its
+and a global batch (random windows of a token file, or chains problems: sources.py), both pure
+functions of (seed, step). With train.depth_losses = "all" the loss is the mean over depths 1..K of
+one pass (depth_logits). Rank r of W takes its
 contiguous share of the batch and splits it into micro-batches (gradient accumulation), so the
 global batch, and the loss up to float rounding, do not depend on how many processes run it.
 
