@@ -94,7 +94,7 @@ def test_preemption_and_abort_in_the_middle_of_a_round(ckpt, monkeypatch):
 
 
 def test_drafting_stops_above_the_crossover_except_for_seeded_rows(ckpt):
-    """With the default --speculative-max-batch 1 a greedy row drafts alone but not beside others; a
+    """With the default --speculative-max-batch 4 a greedy row drafts alone but not among nine; a
     seeded sampled row drafts in any batch (its draws must not depend on the batch), so its text is the
     same alone and in a busy batch."""
     eng = Engine(EngineConfig(model=ckpt, speculative_loops=1), metrics=False)
@@ -103,7 +103,7 @@ def test_drafting_stops_above_the_crossover_except_for_seeded_rows(ckpt):
     seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
     (solo,) = eng.add_request([eng.encode(PROMPTS[1])], seeded, loops=4)
     run_all(eng)
-    busy = eng.add_request([eng.encode(p) for p in PROMPTS], GREEDY, loops=4)
+    busy = eng.add_request([eng.encode(p) for p in PROMPTS * 2], GREEDY, loops=4)
     (crowded,) = eng.add_request([eng.encode(PROMPTS[1])], seeded, loops=4)
     run_all(eng)
     assert alone.num_drafted > 0 and all(s.num_drafted == 0 for s in busy)
