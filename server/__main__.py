@@ -40,8 +40,8 @@ FLAGS = [
                                     "depth and verify them at their own in one pass that resumes the drafts' "
                                     "recurrence (identical tokens, fewer full-depth steps); 0 = off"),
     ("--num-speculative-tokens", int, 3, "tokens drafted per speculation round (with --speculative-loops)"),
-    ("--speculative-max-batch", int, 4, "greedy and unseeded requests draft only while at most this many "
-                                        "sequences run (drafting stops paying at about 8 rows on a CPU, "
+    ("--speculative-max-batch", int, 1, "greedy and unseeded requests draft only while at most this many "
+                                        "sequences run (drafting stops paying from 2 rows on this CPU, "
                                         "docs/SPECULATION.md); seeded sampled requests always draft"),
     ("--served-model-name", str, None, "the model name clients send; default the model directory's name"),
     ("--threads", int, 0, "CPU threads for torch (torch.set_num_threads); 0 = torch's default (all cores). On a "

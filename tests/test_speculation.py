@@ -94,7 +94,7 @@ def test_preemption_and_abort_in_the_middle_of_a_round(ckpt, monkeypatch):
 
 
 def test_drafting_stops_above_the_crossover_except_for_seeded_rows(ckpt):
-    """With the default --speculative-max-batch 4 a greedy row drafts alone but not among nine; a
+    """With the default --speculative-max-batch 1 a greedy row drafts alone but not among nine; a
     seeded sampled row drafts in any batch (its draws must not depend on the batch), so its text is the
     same alone and in a busy batch."""
     eng = Engine(EngineConfig(model=ckpt, speculative_loops=1), metrics=False)

@@ -78,7 +78,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculative_loops: int = 0  # d > 0: greedy rows deeper than d draft at depth d and verify at their own
     num_speculative_tokens: int = 3  # g: drafts per speculation round
-    speculative_max_batch: int = 4  # greedy and unseeded rows start rounds only while at most this many rows run
+    speculative_max_batch: int = 1  # greedy and unseeded rows start rounds only while at most this many rows run
     served_model_name: str | None = None  # the `model` name clients use; default the directory name
 
     def __post_init__(self):
@@ -373,7 +373,7 @@ class Engine:
         # penalized sampled rows decode plainly: their penalties would have to see the drafts
         if seq.spec_tokens or seq.auto or seq.loops <= d or left < 2 or (not seq.params.greedy and seq.params.penalized):
             return
-        # Above the crossover (docs/SPECULATION.md: about 8 rows on this CPU) drafting costs more than it saves. Only
+        # Above the crossover (docs/SPECULATION.md: 2 rows on this CPU) drafting costs more than it saves. Only
         # rows whose text cannot depend on it stop: greedy ones and unseeded sampled ones; a seeded row keeps
         # drafting whatever the batch, so its random draws (and its text) stay batch-invariant.
         busy = len(self.scheduler.running) > self.config.speculative_max_batch
