@@ -31,6 +31,7 @@ import torch
 from model import DEFAULT_MODEL, MeshForCausalLM
 from model.device import resolve_device
 
+from .async_engine import AsyncEngine
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .kv_cache import PagedKVCache
@@ -148,7 +149,7 @@ class Engine:
         cfg = self.model.config
         unit = PagedKVCache.unit_bytes(cfg, config.block_size, self.dtype)
         num_units = kv_pool_bytes(config, self.device) // unit
-        if num_units < self.blocks_per_token_block(cfg.max_loops):
+        if num_units < cfg.num_layer_applications(cfg.max_loops):
             raise ValueError(f"the K/V pool ({num_units * unit / 2**20:.2f} MiB) cannot hold one block of "
                              f"{config.block_size} tokens at loops={cfg.max_loops}: raise --kv-cache-mb")
         self.kv = PagedKVCache(cfg, num_units, config.block_size, self.dtype, self.device)
@@ -172,9 +173,7 @@ class Engine:
         self._lock = threading.Lock()
         self.num_waiting = 0  # sequences submitted and never admitted yet (the 429 bound counts these)
         self.closed = False  # set by the async wrapper when it stops or dies: add_request refuses
-        from .async_engine import AsyncEngine  # the thread and asyncio side live there
-
-        self.frontend = AsyncEngine(self)
+        self.frontend = AsyncEngine(self)  # the thread and the asyncio side
 
     def _load(self, config: EngineConfig, model, tokenizer) -> None:
         self.device = resolve_device(config.device) if model is None else next(model.parameters()).device
@@ -197,14 +196,11 @@ class Engine:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
         self._backend = tokenizer.backend_tokenizer
 
-    def blocks_per_token_block(self, loops: int) -> int:
-        return self.model.config.num_layer_applications(loops)
-
     def describe_pool(self) -> str:
         """One line for the startup log: pool size and how many sequences of each depth fit at full context."""
         cfg, bs = self.model.config, self.config.block_size
         per_seq = -(-self.max_model_len // bs)
-        fits = ", ".join(f"{self.blocks.num_units // (per_seq * self.blocks_per_token_block(k))} at loops={k}"
+        fits = ", ".join(f"{self.blocks.num_units // (per_seq * self.blocks.units_per_block(k))} at loops={k}"
                          for k in range(1, cfg.max_loops + 1))
         return (f"K/V pool: {self.kv.nbytes / 2**20:.1f} MiB, {self.blocks.num_units} units of {bs} tokens "
                 f"(a block of {bs} tokens at depth K takes P + K*C + D = {cfg.n_prelude} + K*{cfg.n_core} + "

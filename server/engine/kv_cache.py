@@ -105,22 +105,22 @@ class PagedKVCache:
             self.v_flat.index_copy_(0, idx, v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1]))
             if self.mask is None:  # one chunk at position 0 attends to itself only
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        units = self.tables[:n, slot].reshape(-1)  # (n * nb,)
-        S = units.shape[0] // n * self.block_size
-        # index_select of whole units (rows of block_size * nh * hs values) runs at copy speed; advanced
-        # indexing of the 4D pool is elementwise and about 4x slower.
-        keys = self.k_units.index_select(0, units).view(n, S, *k.shape[1:2], k.shape[-1]).transpose(1, 2)  # (n, nh, S, hs)
-        values = self.v_units.index_select(0, units).view(n, S, *v.shape[1:2], v.shape[-1]).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[:n])
+        return self._attend_blocks(q, self.tables[:n, slot], self.mask[:n])
 
     def _attend_rows(self, q, k, v, slot: int, rows: torch.Tensor) -> torch.Tensor:
         """attend() for decode rows `rows` (an index into the step's batch) instead of its first n."""
         idx = self.write_index[rows, slot]
         self.k_flat.index_copy_(0, idx, k[:, :, 0])
         self.v_flat.index_copy_(0, idx, v[:, :, 0])
-        units = self.tables[rows, slot].reshape(-1)
-        n = len(rows)
-        S = units.shape[0] // n * self.block_size
-        keys = self.k_units.index_select(0, units).view(n, S, *k.shape[1:2], k.shape[-1]).transpose(1, 2)
-        values = self.v_units.index_select(0, units).view(n, S, *v.shape[1:2], v.shape[-1]).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask[rows])
+        return self._attend_blocks(q, self.tables[rows, slot], self.mask[rows])
+
+    def _attend_blocks(self, q: torch.Tensor, units: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (n, nh, T, hs) over each row's units (n, nb) of one slot, in order, under mask (n, 1, T, S)."""
+        n, nb = units.shape
+        nh, hs = q.shape[1], q.shape[-1]
+        units = units.reshape(-1)
+        # index_select of whole units (rows of block_size * nh * hs values) runs at copy speed; advanced
+        # indexing of the 4D pool is elementwise and about 4x slower.
+        keys = self.k_units.index_select(0, units).view(n, nb * self.block_size, nh, hs).transpose(1, 2)  # (n, nh, S, hs)
+        values = self.v_units.index_select(0, units).view(n, nb * self.block_size, nh, hs).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
