@@ -8,7 +8,7 @@ SHAKESPEARE ?= ../shared/data/tinyshakespeare.txt
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: setup test test-fast serve train-default train-chains bench bench-quick bench-spec soak ablation ablation-quick clean
+.PHONY: setup test test-fast serve train-default train-chains bench bench-decode bench-quick bench-spec soak ablation ablation-quick clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ train-chains: setup
 
 bench: setup
 	$(PYTHON) -m benchmarks.run --out docs/benchmarks.json
+	$(PYTHON) -m benchmarks.decode_speed --out docs/decode-speed.json
+
+# The decode-speed targets alone (docs/BENCHMARKS.md part 8): eager / compiled / bf16 vs HF, HTTP, c32.
+bench-decode: setup
+	$(PYTHON) -m benchmarks.decode_speed --out docs/decode-speed.json
 
 bench-quick: setup
 	$(PYTHON) -m benchmarks.run --quick --out docs/benchmarks-quick.json

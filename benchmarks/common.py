@@ -133,10 +133,11 @@ def prompt_ids(tokenizer, n: int, length: int, vocab_size: int, seed: int = 0) -
 
 # ---- engines --------------------------------------------------------------------------------
 def make_engine(model: MeshForCausalLM, tokenizer, max_batch_size: int = 64, max_model_len: int | None = None,
-                seq_len: int | None = None):
+                seq_len: int | None = None, **config):
     """The server's engine (scheduler + paged K/V pool + model runner) around an in-memory model, without
     HTTP or Prometheus. The pool holds `max_batch_size` sequences of `seq_len` tokens (default: the
-    context) at the deepest depth, so a timed run never preempts."""
+    context) at the deepest depth, so a timed run never preempts. `config`: other EngineConfig fields
+    (compile, kv_cache_dtype, ...)."""
     from server import Engine, EngineConfig
     from server.engine.kv_cache import PagedKVCache
 
@@ -145,7 +146,7 @@ def make_engine(model: MeshForCausalLM, tokenizer, max_batch_size: int = 64, max
     units = max_batch_size * -(-tokens // bs) * c.num_layer_applications(c.max_loops) + c.num_layer_applications(c.max_loops)
     mb = units * PagedKVCache.unit_bytes(c, bs, model.dtype) / 2**20
     cfg = EngineConfig(max_batch_size=max_batch_size, kv_cache_mb=mb, max_waiting=4096, max_model_len=max_model_len,
-                       block_size=bs, max_num_batched_tokens=max(256, max_batch_size))
+                       block_size=bs, max_num_batched_tokens=max(256, max_batch_size), **config)
     return Engine(cfg, model=model, tokenizer=tokenizer, metrics=False)
 
 

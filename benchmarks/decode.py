@@ -28,9 +28,10 @@ from model.convert import to_gpt_neox
 from .common import greedy, make_engine, median, prompt_ids, random_model, sync
 
 
-def vanilla_twin(config: MeshConfig, context: int) -> MeshConfig:
-    """A vanilla layout with the same dimensions and N(default_loops) layers (the same work per token)."""
-    layers = config.num_layer_applications(config.default_loops)
+def vanilla_twin(config: MeshConfig, context: int, loops: int | None = None) -> MeshConfig:
+    """A vanilla layout with the same dimensions and N(loops) layers (the same work per token as a call at
+    that depth; default the model's default depth)."""
+    layers = config.num_layer_applications(loops)
     return MeshConfig.from_layout(
         str(layers), hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
         intermediate_size=config.intermediate_size, vocab_size=config.vocab_size, hidden_act=config.hidden_act,

@@ -65,11 +65,12 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 class ServerProcess:
-    """`python -m server ARGS --port P --threads T` (or `python -c CODE ARGS ...`), its log in `log_path`.
+    """`python -m server ARGS --port P --threads T` (or `python -c CODE ARGS ...`) run in `cwd` (another
+    checkout's server, e.g. a baseline worktree), its log in `log_path`.
     Starting it does not wait: `wait_ready()` (or `with`) does."""
 
     def __init__(self, args: list[str], log_path: str | Path, env: dict | None = None, code: str | None = None,
-                 threads: int = 1):
+                 threads: int = 1, cwd: str | Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -79,7 +80,7 @@ class ServerProcess:
         self.cmd = [sys.executable, *entry, *args, "--port", str(self.port), "--threads", str(threads)]
         pinned = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
         self._log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **pinned, **(env or {})})
         self.pid = self.proc.pid
 

@@ -29,7 +29,6 @@ the median over rounds of per-round ratios. Speedups are wall-clock; the same ra
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import subprocess
@@ -57,13 +56,14 @@ TARGETS = {"speedup_depth4": 1.3, "speedup_default_depth": 1.2, "share_of_bound"
 
 
 # ---- engines and timed generations -------------------------------------------------------------
-def engines(subject, rows: int, seq_len: int, specs, max_batch: int | None = None) -> dict:
+def engines(subject, rows: int, seq_len: int, specs, max_batch: int | None = None, compile: str = "auto") -> dict:
     """{None: a plain engine, (d, g): a speculating one} with the same pool (make_engine's sizing) and no
     prefix caching: repeated prompts must cost every round the same. max_batch: the engine's
-    --speculative-max-batch (None: its default, drafting only below the crossover)."""
+    --speculative-max-batch (None: its default, drafting only below the crossover); compile: --compile
+    (graphs are shared: every engine runs the same model object at the same shapes)."""
     from server import Engine
 
-    base = make_engine(subject.model, subject.tokenizer, max_batch_size=rows, seq_len=seq_len)
+    base = make_engine(subject.model, subject.tokenizer, max_batch_size=rows, seq_len=seq_len, compile=compile)
     out = {}
     for spec in (None, *specs):
         d, g = spec or (0, 1)
@@ -176,7 +176,11 @@ def section_batch1(subject, plan: dict, prompts, quiet: bool) -> tuple[dict, dic
     """Per depth K: plain depth-K blocks sandwiching every (d, g) at K, plain depth-d blocks (the draft
     depth's step cost) and, at the deepest K, HF's twin. Round r decodes prompt r mod len(prompts)."""
     n, specs = plan["new_tokens"], [(d, g) for d in plan["ds"] for g in plan["gs"]]
-    eng = engines(subject, 1, plan["prompt_len"] + n + 2, specs)
+    eng = engines(subject, 1, plan["prompt_len"] + n + 2, specs, compile=plan["compile"])
+    for engine in eng.values():  # every depth a batch-1 row decodes at, compiled before the timing
+        if engine.runner.compiled is not None:
+            for k in {*plan["depths"], *plan["ds"]}:
+                engine.runner.compiled.warm_up(k)
     neox = hf_twin(subject, plan["prompt_len"] + n, max(plan["depths"]))
 
     def block(engine, k):
@@ -237,9 +241,7 @@ def acceptance_by_depths(rows: list[dict]) -> list[dict]:
 def hf_twin(subject, context: int, loops: int):
     """HF's GPTNeoXForCausalLM with as many layers as `loops` applies and the default model's dimensions,
     random weights: decode.py's twin (whose benchmark checks our engine gives HF's tokens on it)."""
-    cfg = copy.deepcopy(subject.config)
-    cfg.default_loops = loops  # vanilla_twin takes N(default_loops) layers
-    return hf_model(random_model(vanilla_twin(cfg, context), 0))
+    return hf_model(random_model(vanilla_twin(subject.config, context, loops), 0))
 
 
 @torch.inference_mode()
@@ -381,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="the JSON to write (default docs/speculation.json for a full run)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="the engines' --compile (on: batch-1 decode and draft steps run as compiled graphs; "
+                        "verify passes stay eager)")
     return p
 
 
@@ -395,12 +400,13 @@ def source_version() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-def run(plan_name: str, quiet: bool = False) -> dict:
-    plan = PLANS[plan_name]
+def run(plan_name: str, quiet: bool = False, compile: str = "auto") -> dict:
+    plan = dict(PLANS[plan_name], compile=compile)
     subject = load_subject(tiny=plan_name == "tiny")
     cfg = subject.config
     plan = dict(plan, depths=tuple(k for k in plan["depths"] if k <= cfg.max_loops))
-    out = {"command": COMMAND + {"full": "", "quick": " --quick", "tiny": " --tiny"}[plan_name], "model": subject.source,
+    out = {"command": COMMAND + {"full": "", "quick": " --quick", "tiny": " --tiny"}[plan_name]
+           + ("" if compile == "auto" else f" --compile {compile}"), "model": subject.source,
            "default_loops": cfg.default_loops, "plan": plan, "machine": machine("cpu"), "source": source_version()}
     prompts = shakespeare_prompts(subject.tokenizer, plan["prompts"], plan["prompt_len"], cfg.vocab_size)
     out["batch1"], out["hf"] = section_batch1(subject, plan, prompts, quiet)
@@ -416,7 +422,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     plan = "tiny" if args.tiny else "quick" if args.quick else "full"
     t0 = time.perf_counter()
-    out = run(plan, args.quiet)
+    out = run(plan, args.quiet, args.compile)
     out["wall_s"] = time.perf_counter() - t0
     print(report(out))
     path = args.out or (Path("docs/speculation.json") if plan == "full" else None)

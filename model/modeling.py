@@ -155,7 +155,7 @@ class Recurrence(nn.Module):
         """For inference: each pair's write and read routers become one Linear(D -> 2S) and one softmax
         (half the router kernels per iteration). Checkpoints keep the two routers' keys; training must
         not call this (the fused copies would not follow the weights)."""
-        if self.scheme == "mesh":
+        if self.scheme == "mesh" and self.fused is None:  # once: compiled graphs hold on to these tensors
             self.fused = [(torch.cat((w.weight, r.weight)), torch.cat((w.bias, r.bias)))
                           for w, r in zip(self.write_routers, self.read_routers)]
 
@@ -407,8 +407,10 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
         if table is None or table[0].device != position_ids.device or table[0].dtype != dtype:
             every = torch.arange(n, device=position_ids.device)[None]
             table = self._rope_table = tuple(t[0, 0] for t in rotary_cos_sin(self.config, every, dtype))  # (n, rd) each
-        # past the table, compute (it is only a cache); checked on CPU only, where it costs no device sync
-        if position_ids.device.type == "cpu" and position_ids.numel() and int(position_ids.max()) >= n:
+        # past the table, compute (it is only a cache); checked on CPU only, where it costs no device sync,
+        # and not inside a compiled graph (the engine's positions are below max_position_embeddings)
+        if position_ids.device.type == "cpu" and not torch.compiler.is_compiling() and position_ids.numel() \
+                and int(position_ids.max()) >= n:
             return rotary_cos_sin(self.config, position_ids, dtype)
         return table[0][position_ids][:, None], table[1][position_ids][:, None]
 

@@ -21,7 +21,14 @@ FLAGS = [
     ("--host", str, "127.0.0.1", "interface to listen on (0.0.0.0 for every interface)"),
     ("--port", int, 8000, "TCP port"),
     ("--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N"),
-    ("--dtype", str, "auto", "weights and KV cache: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"),
+    ("--dtype", str, "auto", "weights: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"),
+    ("--kv-cache-dtype", str, "auto", "the K/V pool: auto (as --dtype), float32, bfloat16, float16; bfloat16 holds "
+                                      "twice the tokens in the same --kv-cache-mb, attention still runs in --dtype"),
+    ("--compile", str, "auto", "torch.compile'd decode graphs, one per (batch bucket, depth): auto = on with CUDA "
+                               "(CUDA graphs), off on CPU; on = also on CPU, where only batch buckets 1-2 compile "
+                               "(~20 s of compile per graph, in a background thread while eager steps serve; cached "
+                               "on disk in $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/mesh/inductor) and batch 1 "
+                               "decodes about 1.2x faster (docs/BENCHMARKS.md part 8); off = eager only"),
     ("--max-batch-size", int, 64, "most sequences decoded together in one step"),
     ("--kv-cache-mb", float, None, "size of the K/V block pool in MiB, allocated at start and never exceeded "
                                    "(default 256 on CPU; on CUDA, when given, it wins over --gpu-memory-utilization)"),
@@ -56,7 +63,8 @@ FLAGS = [
     ("--shutdown-grace", float, 30.0, "on SIGTERM: seconds in-flight requests (streams included) get to finish "
                                       "while new ones are refused; then they are cut and the server exits"),
 ]
-CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--log-level": ("debug", "info", "warning", "error"),
+CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--kv-cache-dtype": ("auto", "float32", "bfloat16", "float16"),
+           "--compile": ("auto", "on", "off"), "--log-level": ("debug", "info", "warning", "error"),
            "--enable-prefix-caching": (0, 1)}
 
 
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=bool(args.enable_prefix_caching),
             speculative_loops=args.speculative_loops, num_speculative_tokens=args.num_speculative_tokens,
             speculative_max_batch=args.speculative_max_batch,
-            served_model_name=args.served_model_name,
+            served_model_name=args.served_model_name, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
         )
         engine = Engine(config)
     except (ValueError, OSError) as e:
@@ -193,6 +201,9 @@ def log_startup(engine, args: argparse.Namespace, keys: list[str]) -> None:
              engine.device, torch.get_num_threads(), str(engine.dtype).replace("torch.", ""), engine.max_model_len,
              args.host, args.port)
     log.info("%s", engine.describe_pool())
+    graphs = engine.runner.compiled
+    log.info("decode graphs (--compile %s): %s", args.compile,
+             f"batch buckets up to {graphs.max_batch}, compiled as first needed" if graphs else "off, eager decoding")
     log.info("API keys: %s; /metrics %s; request body <= %d bytes; request timeout %s; shutdown grace %g s",
              f"{len(keys)} configured" if keys else "none (open to anyone who can reach the port)",
              "needs a key" if keys and args.metrics_require_key else "open", args.max_request_bytes,

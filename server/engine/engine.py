@@ -33,6 +33,7 @@ from model.device import resolve_device
 
 from .async_engine import AsyncEngine
 from .block_manager import BlockManager
+from .compiled import MODES as COMPILE_MODES, CompiledDecoder, resolve_mode as resolve_compile
 from .detokenizer import Detokenizer
 from .kv_cache import PagedKVCache
 from .loading import load_checkpoint
@@ -69,6 +70,7 @@ class EngineConfig:
     model: str | Path | None = None  # a directory with config.json, weights and tokenizer.json; None = embedded default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    kv_cache_dtype: str = "auto"  # the K/V pool's: auto (the weights' dtype) | float32 | bfloat16 | float16
     max_batch_size: int = 64  # running sequences per step
     kv_cache_mb: float | None = None  # the K/V pool; None: 256 MiB on CPU, from gpu_memory_utilization on CUDA
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device memory the process may fill (model + pool)
@@ -81,6 +83,7 @@ class EngineConfig:
     num_speculative_tokens: int = 3  # g: drafts per speculation round
     speculative_max_batch: int = 1  # greedy and unseeded rows start rounds only while at most this many rows run
     served_model_name: str | None = None  # the `model` name clients use; default the directory name
+    compile: str = "auto"  # torch.compile'd decode graphs (compiled.py): auto | on | off
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_waiting", "block_size", "max_num_batched_tokens", "speculative_max_batch"):
@@ -100,8 +103,11 @@ class EngineConfig:
         if isinstance(self.num_speculative_tokens, bool) or not isinstance(self.num_speculative_tokens, int) \
                 or self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_speculative_tokens!r}")
-        if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) not in ("auto", *DTYPES):
+                raise ValueError(f"{name} must be auto, {', '.join(DTYPES)}; got {getattr(self, name)!r}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -147,19 +153,20 @@ class Engine:
         self.config = config = config or EngineConfig()
         self._load(config, model, tokenizer)
         cfg = self.model.config
-        unit = PagedKVCache.unit_bytes(cfg, config.block_size, self.dtype)
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
+        unit = PagedKVCache.unit_bytes(cfg, config.block_size, self.kv_dtype)
         num_units = kv_pool_bytes(config, self.device) // unit
         if num_units < cfg.num_layer_applications(cfg.max_loops):
             raise ValueError(f"the K/V pool ({num_units * unit / 2**20:.2f} MiB) cannot hold one block of "
                              f"{config.block_size} tokens at loops={cfg.max_loops}: raise --kv-cache-mb")
-        self.kv = PagedKVCache(cfg, num_units, config.block_size, self.dtype, self.device)
+        self.kv = PagedKVCache(cfg, num_units, config.block_size, self.kv_dtype, self.device, compute_dtype=self.dtype)
         self.blocks = BlockManager(cfg, num_units, config.block_size, self.max_model_len,
                                    enable_prefix_caching=config.enable_prefix_caching, clear=self.kv.clear)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_batch_size)
         if config.speculative_loops >= cfg.max_loops:
             raise ValueError(f"speculative_loops {config.speculative_loops} must be below the model's max_loops "
                              f"{cfg.max_loops}: drafts run shallower than the rows they serve")
-        self.runner = ModelRunner(self.model, self.kv, config.speculative_loops)
+        self.runner = ModelRunner(self.model, self.kv, config.speculative_loops, self._compiled(config))
         self.sampler = Sampler(self.vocab_size, self.device, self.eos_token_id)
         self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
         self.scheduler.on_admit, self.scheduler.on_preempt = self._on_admit, self._on_preempt
@@ -195,6 +202,16 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id
         self._backend = tokenizer.backend_tokenizer
+
+    def _compiled(self, config: EngineConfig) -> CompiledDecoder | None:
+        """--compile: decode graphs, the default depth's batch-1 graph compiled now (the rest when first needed)."""
+        on, max_batch = resolve_compile(config.compile, self.device)
+        if not on:
+            return None
+        compiled = CompiledDecoder(self.model, self.kv, self.blocks.max_blocks, min(max_batch, config.max_batch_size),
+                                   background=self.device.type == "cpu")
+        compiled.warm_up(self.model.config.default_loops)
+        return compiled
 
     def describe_pool(self) -> str:
         """One line for the startup log: pool size and how many sequences of each depth fit at full context."""

@@ -26,8 +26,11 @@ from model import MeshConfig, paged_slot
 
 
 class PagedKVCache:
-    def __init__(self, config: MeshConfig, num_units: int, block_size: int, dtype: torch.dtype, device):
+    def __init__(self, config: MeshConfig, num_units: int, block_size: int, dtype: torch.dtype, device,
+                 compute_dtype: torch.dtype | None = None):
+        """dtype: the pool's (--kv-cache-dtype); compute_dtype: the model's, which attention runs in."""
         self.block_size, self.num_units = block_size, num_units
+        self.compute_dtype = compute_dtype or dtype
         nh, hs = config.num_attention_heads, config.head_size
         self.kv = torch.zeros(2, num_units, block_size, nh, hs, dtype=dtype, device=device)
         self.k_pool, self.v_pool = self.kv[0], self.kv[1]
@@ -69,7 +72,7 @@ class PagedKVCache:
         keys = torch.arange(S, device=positions.device)
         visible = (keys[None, :] < lengths[:, None]).view(n, 1, 1, S)  # (n, 1, 1, S)
         # An additive mask, built once a step: a boolean one is converted inside every attention call.
-        self.mask = torch.zeros(visible.shape, dtype=self.kv.dtype, device=self.kv.device).masked_fill_(~visible, float("-inf"))
+        self.mask = torch.zeros(visible.shape, dtype=self.compute_dtype, device=self.kv.device).masked_fill_(~visible, float("-inf"))
 
     def begin_chunk(self, tables: torch.Tensor, starts: list[int], T: int) -> None:
         """T tokens of each of n sequences, sequence i's from starts[i] on (a prompt chunk: n = 1; verify
@@ -84,7 +87,7 @@ class PagedKVCache:
         if max(starts) or len(starts) > 1:
             keys = torch.arange(nb * bs, device=device)
             visible = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, S): causal over the cached past
-            self.mask = torch.zeros(visible.shape, dtype=self.kv.dtype, device=device).masked_fill_(~visible, float("-inf"))
+            self.mask = torch.zeros(visible.shape, dtype=self.compute_dtype, device=device).masked_fill_(~visible, float("-inf"))
         else:
             self.mask = None
 
@@ -95,14 +98,15 @@ class PagedKVCache:
         n = kw["rows"]
         if self.row_index is not None:  # adaptive depth: rows still iterating, any subset of the batch
             return self._attend_rows(q, k, v, slot, self.row_index)
+        dt = self.kv.dtype
         if self.decoding:
             idx = self.write_index[:n, slot]
-            self.k_flat.index_copy_(0, idx, k[:, :, 0])
-            self.v_flat.index_copy_(0, idx, v[:, :, 0])
+            self.k_flat.index_copy_(0, idx, k[:, :, 0].to(dt))
+            self.v_flat.index_copy_(0, idx, v[:, :, 0].to(dt))
         else:
             idx = self.write_index[:n, slot].reshape(-1)  # (n * T,)
-            self.k_flat.index_copy_(0, idx, k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1]))
-            self.v_flat.index_copy_(0, idx, v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1]))
+            self.k_flat.index_copy_(0, idx, k.transpose(1, 2).reshape(-1, *k.shape[1:2], k.shape[-1]).to(dt))
+            self.v_flat.index_copy_(0, idx, v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1]).to(dt))
             if self.mask is None:  # one chunk at position 0 attends to itself only
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self._attend_blocks(q, self.tables[:n, slot], self.mask[:n])
@@ -110,8 +114,8 @@ class PagedKVCache:
     def _attend_rows(self, q, k, v, slot: int, rows: torch.Tensor) -> torch.Tensor:
         """attend() for decode rows `rows` (an index into the step's batch) instead of its first n."""
         idx = self.write_index[rows, slot]
-        self.k_flat.index_copy_(0, idx, k[:, :, 0])
-        self.v_flat.index_copy_(0, idx, v[:, :, 0])
+        self.k_flat.index_copy_(0, idx, k[:, :, 0].to(self.kv.dtype))
+        self.v_flat.index_copy_(0, idx, v[:, :, 0].to(self.kv.dtype))
         return self._attend_blocks(q, self.tables[rows, slot], self.mask[rows])
 
     def _attend_blocks(self, q: torch.Tensor, units: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -123,4 +127,6 @@ class PagedKVCache:
         # indexing of the 4D pool is elementwise and about 4x slower.
         keys = self.k_units.index_select(0, units).view(n, nb * self.block_size, nh, hs).transpose(1, 2)  # (n, nh, S, hs)
         values = self.v_units.index_select(0, units).view(n, nb * self.block_size, nh, hs).transpose(1, 2)
+        if keys.dtype != q.dtype:  # a pool in another dtype (--kv-cache-dtype): attention runs in the model's
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

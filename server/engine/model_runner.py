@@ -17,6 +17,7 @@ import torch
 
 from model import MeshForCausalLM
 
+from .compiled import CompiledDecoder
 from .kv_cache import PagedKVCache
 from .sequence import Sequence
 
@@ -45,10 +46,11 @@ class RunOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: MeshForCausalLM, kv: PagedKVCache, draft_loops: int = 0):
+    def __init__(self, model: MeshForCausalLM, kv: PagedKVCache, draft_loops: int = 0, compiled: CompiledDecoder | None = None):
         self.model, self.kv = model, kv
         self.device = kv.kv.device
         self.draft_loops = draft_loops  # the depth speculation drafts at (0: off)
+        self.compiled = compiled  # --compile: graphs for decode batches of one depth (compiled.py)
 
     @torch.inference_mode()
     def run(self, rows: list[tuple[Sequence, int]]) -> RunOutput:
@@ -107,16 +109,29 @@ class ModelRunner:
         positions = [p for _, p in inputs]
         pos = torch.tensor(positions, device=self.device)
         nb = max(positions) // bs + 1
-        self.kv.begin_decode(torch.stack([s.table[:, :nb] for s in seqs]).to(self.device), pos)
+        tables = torch.stack([s.table for s in seqs]).to(self.device)  # (n, slots, max_blocks)
+        self.kv.begin_decode(tables[:, :, :nb], pos)
         depths = [self.depth(s) for s in seqs]
         if any(s.auto for s in seqs):
             return self._decode_adaptive(seqs, ids, pos.view(n, 1), depths)
         row_loops = None if depths[0] == depths[-1] else depths
-        logits, state = self._forward(ids, pos.view(n, 1), depths[0], row_loops, keep_all=False)
+        if row_loops is None and self._compiled_ready(n, depths[0]):
+            logits, state = self.compiled.run(ids, pos, tables, self.kv.write_index, depths[0])
+        else:
+            logits, state = self._forward(ids, pos.view(n, 1), depths[0], row_loops, keep_all=False)
         for i, seq in enumerate(seqs):
             if seq.spec_tokens:  # the draft input's state after the draft depth: where verify resumes
                 seq.draft_states.append({name: v[i : i + 1].clone() for name, v in state.items()})
         return logits
+
+    def _compiled_ready(self, n: int, loops: int) -> bool:
+        """Whether a compiled graph runs this one-depth batch; if not, asks for one (eager serves meanwhile)."""
+        if self.compiled is None or not self.compiled.covers(n):
+            return False
+        if self.compiled.ready(n, loops):
+            return True
+        self.compiled.want(n, loops)
+        return self.compiled.ready(n, loops)  # compiled in this thread (CUDA): ready now
 
     def _decode_adaptive(self, seqs: list[Sequence], ids, positions, depths: list[int]) -> torch.Tensor:
         """A decode step with `loops: "auto"` rows: core iteration t runs on the rows still iterating (any

@@ -1,0 +1,80 @@
+"""--compile: torch.compile'd decode graphs give the same greedy tokens as the eager engine (and so as
+generate()) on CPU, for each depth and a padded batch bucket, drafts of a speculation round included;
+batches a graph does not cover still decode eagerly; the setting is checked.
+
+A tiny random checkpoint (tests/server_fixtures.py); each graph costs a few seconds of compile here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from server import Engine, EngineConfig, SamplingParams
+from server.engine.compiled import bucket, resolve_mode
+from server_fixtures import build_checkpoint, reference_greedy, same_greedy, one_torch_thread  # noqa: F401 (autouse fixture)
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+PROMPTS = ["First Citizen:", "All: Speak", "To be, or not to be"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny"))  # 1+1R2+1 mesh, max_loops 4, default loops 2
+
+
+@pytest.fixture(scope="module")
+def engines(ckpt):
+    eager = Engine(EngineConfig(model=ckpt, max_batch_size=4, compile="off"), metrics=False)
+    compiled = Engine(EngineConfig(model=ckpt, max_batch_size=4, compile="on"), metrics=False)
+    return eager, compiled
+
+
+def test_compiled_greedy_equals_eager_and_generate(engines):
+    eager, compiled = engines
+    graphs = compiled.runner.compiled
+    assert graphs.ready(1, compiled.model.config.default_loops)  # the default depth's batch-1 graph, at start
+    graphs.max_batch = 4  # CPU compiles buckets 1-2 only; 4 tests a bucket with a padding row
+    for k in (1, 3):
+        graphs.warm_up(k, (1, 3))  # batch 3 runs in the bucket of 4: one padding row
+    before = graphs.steps
+    for k in (1, 3):
+        for batch in (PROMPTS[:1], PROMPTS):
+            want = eager.generate(batch, GREEDY, loops=k)
+            got = compiled.generate(batch, GREEDY, loops=k)
+            assert [g.token_ids for g in got] == [w.token_ids for w in want], (k, len(batch))
+        ref = reference_greedy(compiled.model, compiled.encode(PROMPTS[0]), k, GREEDY.max_tokens)
+        assert same_greedy(compiled.generate(PROMPTS[:1], GREEDY, loops=k)[0].token_ids, ref), k
+    # three runs per depth, a graph for every decode step (the first token comes from the prompt's pass)
+    assert graphs.steps - before == 2 * 3 * (GREEDY.max_tokens - 1)
+
+
+def test_mixed_depth_batch_decodes_eagerly_with_the_same_tokens(engines):
+    eager, compiled = engines
+    graphs = compiled.runner.compiled
+    before = graphs.steps
+    seqs = {k: compiled.add_request([compiled.encode(PROMPTS[k - 1])], GREEDY, loops=k)[0] for k in (1, 2, 3)}
+    while compiled.has_work():
+        compiled.step()
+    assert graphs.steps == before  # rows of three depths share each step: no one-depth graph covers it
+    for k, seq in seqs.items():
+        assert seq.output_ids == eager.generate([PROMPTS[k - 1]], GREEDY, loops=k)[0].token_ids
+
+
+def test_speculation_drafts_run_in_graphs_with_identical_tokens(engines):
+    eager, compiled = engines  # the same model object: the graphs compiled above serve this engine too
+    spec = Engine(EngineConfig(speculative_loops=1, num_speculative_tokens=2, compile="on"), model=compiled.model,
+                  tokenizer=compiled.tokenizer, metrics=False)
+    spec.runner.compiled.warm_up(1)
+    got = spec.generate(PROMPTS[:1], GREEDY, loops=3)[0].token_ids
+    assert got == eager.generate(PROMPTS[:1], GREEDY, loops=3)[0].token_ids
+    assert spec.runner.compiled.steps > 0  # the depth-1 drafts ran in a graph
+
+
+def test_compile_setting_is_checked_and_buckets_pad_up():
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        EngineConfig(compile="yes")
+    import torch
+
+    assert resolve_mode("off", torch.device("cpu")) == (False, 0)
+    assert resolve_mode("auto", torch.device("cuda"))[0] is True
+    assert [bucket(n) for n in (1, 2, 3, 5, 33)] == [1, 2, 4, 8, 64]
