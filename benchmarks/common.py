@@ -163,13 +163,16 @@ class FixedBatch:
 
     def __init__(self, subject: Subject, depths: list[int], prompt_len: int, steps: int, seed: int = 0):
         self.rows = len(depths)
-        need = prompt_len + steps + 2
+        # Prompts are prefilled in chunks over several steps, and rows done early decode meanwhile: up to
+        # `lead` tokens ahead of the last row when the timed steps begin.
+        lead = -(-self.rows * prompt_len // max(256, self.rows)) + 1
+        need = prompt_len + steps + 2 + lead
         self.engine = make_engine(subject.model, subject.tokenizer, max_batch_size=self.rows, seq_len=need)
         prompts = prompt_ids(subject.tokenizer, self.rows, prompt_len, subject.config.vocab_size, seed)
         if need > self.engine.max_model_len:
             raise ValueError(f"{steps} decode steps after a {prompt_len}-token prompt exceed the model's "
                              f"context of {self.engine.max_model_len} tokens")
-        params = greedy(steps + 2)  # the prefill token + steps + 1: rows stay in the pool after the last timed step
+        params = greedy(steps + 2 + lead)  # the prefill token + lead + steps + 1: rows stay in the pool after the last timed step
         self.seqs = []
         for k in sorted(set(depths), reverse=True):
             group = [p for p, d in zip(prompts, depths) if d == k]

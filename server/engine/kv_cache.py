@@ -9,9 +9,11 @@ It is the only K/V memory the engine holds, so its size is a hard cap. The model
 each of n sequences: a prompt chunk, or verify passes). Per paged slot (model.paged_slot), a row's unit ids come from its block table, so:
 
 - the new K/V go to ``unit * block_size + position % block_size`` (one index_copy_ per tensor);
-- the keys a row attends over are its units gathered in order, (n, blocks * block_size, nh, hs),
-  masked past the row's length. The gather is a copy per layer application (benchmarks report its
-  cost); a CUDA paged-attention kernel would read the blocks in place.
+- on CPU, decode steps and verify passes (at most KERNEL_MAX_T queries per row) attend with the kernel
+  of paged_attention.py, which reads each row's keys in place through its unit table;
+- otherwise the keys a row attends over are its units gathered in order, (n, blocks * block_size, nh,
+  hs), masked past the row's length, for SDPA. The gather is a copy per layer application (on CUDA a
+  paged-attention kernel would read the blocks in place; the compiled graphs of compiled.py gather too).
 
 Unused pool memory is zero, never uninitialised: a masked key still meets a zero attention weight, and
 0 * NaN would be NaN. Units of a row whose K/V may not be finite are zeroed when freed (`clear`).
@@ -23,6 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from model import MeshConfig, paged_slot
+
+from . import paged_attention
+
+KERNEL_MAX_T = 8  # queries per row up to which the CPU kernel beats gather + SDPA (decode: 1, verify: g)
 
 
 class PagedKVCache:
@@ -43,7 +49,9 @@ class PagedKVCache:
         keys += [("core", j, t) for t in range(K) for j in range(c)]
         self.slot = {key: paged_slot(config, *key) for key in keys}
         self.decoding = True
-        self.tables = self.write_index = self.mask = None
+        self.tables = self.write_index = self.mask = self.lengths = None
+        # CPU: attention reads the blocks in place (paged_attention.py) for decode and verify steps
+        self.kernel = paged_attention.load() if self.kv.device.type == "cpu" and self.compute_dtype == torch.float32 else None
         self.row_index = None  # decode: the batch rows a layer application runs on, when not a prefix
 
     @staticmethod
@@ -67,10 +75,13 @@ class PagedKVCache:
         blk = (positions // bs).view(n, 1, 1).expand(n, slots, 1)
         self.write_index = tables.gather(2, blk).squeeze(2) * bs + (positions % bs).view(n, 1)  # (n, slots)
         self.tables, self.decoding = tables, True
+        self.lengths = (positions + 1).view(n, 1)  # keys each row's query sees: its past and itself
+        if self.kernel is not None:  # it masks by lengths
+            self.mask = None
+            return
         S = nb * bs
-        lengths = positions + 1
         keys = torch.arange(S, device=positions.device)
-        visible = (keys[None, :] < lengths[:, None]).view(n, 1, 1, S)  # (n, 1, 1, S)
+        visible = (keys[None, :] < self.lengths).view(n, 1, 1, S)  # (n, 1, 1, S)
         # An additive mask, built once a step: a boolean one is converted inside every attention call.
         self.mask = torch.zeros(visible.shape, dtype=self.compute_dtype, device=self.kv.device).masked_fill_(~visible, float("-inf"))
 
@@ -84,6 +95,7 @@ class PagedKVCache:
         blk = (pos // bs)[:, None, :].expand(-1, tables.shape[1], -1)  # (n, slots, T)
         self.write_index = tables.gather(2, blk) * bs + (pos % bs)[:, None, :]  # (n, slots, T)
         self.decoding = False
+        self.lengths = pos + 1  # (n, T): causal
         if max(starts) or len(starts) > 1:
             keys = torch.arange(nb * bs, device=device)
             visible = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (n, 1, T, S): causal over the cached past
@@ -109,17 +121,22 @@ class PagedKVCache:
             self.v_flat.index_copy_(0, idx, v.transpose(1, 2).reshape(-1, *v.shape[1:2], v.shape[-1]).to(dt))
             if self.mask is None:  # one chunk at position 0 attends to itself only
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self._attend_blocks(q, self.tables[:n, slot], self.mask[:n])
+        return self._attend_blocks(q, self.tables[:n, slot], _rows(self.mask, slice(0, n)), self.lengths[:n])
 
     def _attend_rows(self, q, k, v, slot: int, rows: torch.Tensor) -> torch.Tensor:
         """attend() for decode rows `rows` (an index into the step's batch) instead of its first n."""
         idx = self.write_index[rows, slot]
         self.k_flat.index_copy_(0, idx, k[:, :, 0].to(self.kv.dtype))
         self.v_flat.index_copy_(0, idx, v[:, :, 0].to(self.kv.dtype))
-        return self._attend_blocks(q, self.tables[rows, slot], self.mask[rows])
+        return self._attend_blocks(q, self.tables[rows, slot], _rows(self.mask, rows), self.lengths[rows])
 
-    def _attend_blocks(self, q: torch.Tensor, units: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q (n, nh, T, hs) over each row's units (n, nb) of one slot, in order, under mask (n, 1, T, S)."""
+    def _attend_blocks(self, q: torch.Tensor, units: torch.Tensor, mask, lengths: torch.Tensor) -> torch.Tensor:
+        """q (n, nh, T, hs) over each row's units (n, nb) of one slot, in order: the first lengths (n, T)
+        keys of each query, read in place by the kernel, or gathered for SDPA under mask (n, 1, T, S)."""
+        if self.kernel is not None and q.shape[2] <= KERNEL_MAX_T:
+            out = self.kernel.decode(q.transpose(1, 2).contiguous(), self.k_pool, self.v_pool, units.contiguous(),
+                                     lengths.contiguous(), q.shape[-1] ** -0.5)  # (n, T, nh, hs)
+            return out.transpose(1, 2)
         n, nb = units.shape
         nh, hs = q.shape[1], q.shape[-1]
         units = units.reshape(-1)
@@ -130,3 +147,7 @@ class PagedKVCache:
         if keys.dtype != q.dtype:  # a pool in another dtype (--kv-cache-dtype): attention runs in the model's
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def _rows(mask, rows):
+    return None if mask is None else mask[rows]

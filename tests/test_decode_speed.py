@@ -1,6 +1,7 @@
-"""--compile: torch.compile'd decode graphs give the same greedy tokens as the eager engine (and so as
-generate()) on CPU, for each depth and a padded batch bucket, drafts of a speculation round included;
-batches a graph does not cover still decode eagerly; the setting is checked.
+"""The decode-speed paths: torch.compile'd decode graphs (--compile) give the same greedy tokens as the
+eager engine (and so as generate()) on CPU, for each depth and a padded batch bucket, drafts of a
+speculation round included, and batches a graph does not cover still decode eagerly; the CPU paged
+attention kernel equals gather + SDPA; a bfloat16 K/V pool holds twice the tokens at the same quality.
 
 A tiny random checkpoint (tests/server_fixtures.py); each graph costs a few seconds of compile here.
 """
@@ -78,3 +79,49 @@ def test_compile_setting_is_checked_and_buckets_pad_up():
     assert resolve_mode("off", torch.device("cpu")) == (False, 0)
     assert resolve_mode("auto", torch.device("cuda"))[0] is True
     assert [bucket(n) for n in (1, 2, 3, 5, 33)] == [1, 2, 4, 8, 64]
+
+
+def test_bfloat16_kv_pool_holds_twice_the_tokens_and_keeps_the_logprobs(ckpt):
+    import torch
+
+    fp32 = Engine(EngineConfig(model=ckpt, kv_cache_mb=4, compile="off"), metrics=False)
+    bf16 = Engine(EngineConfig(model=ckpt, kv_cache_mb=4, kv_cache_dtype="bfloat16", compile="off"), metrics=False)
+    assert bf16.kv.kv.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.float32
+    assert bf16.kv.kernel is not None  # decode attention reads the bfloat16 blocks in place
+    assert bf16.blocks.num_units == 2 * fp32.blocks.num_units
+    ids = bf16.encode(PROMPTS[2])
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=1, ignore_eos=True)
+    (seq,) = bf16.add_request([ids], params, loops=3)
+    outs = []
+    while bf16.has_work():
+        outs += bf16.step()
+    full = torch.tensor([ids + seq.output_ids[:-1]])
+    with torch.no_grad():
+        lp = bf16.model(full, loops=3).logits[0].log_softmax(-1)  # float32 K/V throughout
+    for j, out in enumerate(outs):
+        (chosen, _), = out.logprobs
+        # K/V rounded to bfloat16 (8 bits of mantissa) move a log-probability by far less than 0.05
+        assert chosen == pytest.approx(lp[len(ids) - 1 + j, out.token_ids[0]].item(), abs=0.05), j
+
+
+@pytest.mark.parametrize("pool_dtype", ["float32", "bfloat16"])
+def test_paged_attention_kernel_equals_gather_and_sdpa(pool_dtype):
+    import torch
+
+    from server.engine.paged_attention import load
+
+    kernel = load()
+    assert kernel is not None  # g++ is on this project's machines; MESH_PAGED_KERNEL=0 would turn it off
+    torch.manual_seed(0)
+    U, bs, nh, hs, n, nb, T = 40, 4, 2, 8, 3, 5, 3
+    dt = getattr(torch, pool_dtype)
+    k_pool, v_pool = torch.randn(U, bs, nh, hs).to(dt), torch.randn(U, bs, nh, hs).to(dt)
+    units = torch.randperm(U)[: n * nb].view(n, nb)  # scattered blocks, in table order
+    lengths = torch.tensor([[1, 2, 3], [7, 8, 9], [18, 19, 20]])  # (n, T): causal queries of a verify pass
+    q = torch.randn(n, T, nh, hs)
+    got = kernel.decode(q, k_pool, v_pool, units, lengths, hs ** -0.5)
+    keys = k_pool[units].reshape(n, nb * bs, nh, hs).transpose(1, 2).float()  # (n, nh, S, hs)
+    values = v_pool[units].reshape(n, nb * bs, nh, hs).transpose(1, 2).float()
+    visible = torch.arange(nb * bs)[None, None, :] < lengths[:, :, None]  # (n, T, S)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible[:, None])
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
