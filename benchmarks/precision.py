@@ -1,9 +1,12 @@
-"""float32 against bfloat16 (weights and K/V, `--dtype`) on this CPU: decode step time at batch 1 and
-32, and the quality cost as held-out nats/char of the default model at its default depth.
+"""float32 against bfloat16 on this CPU, for the weights (`--dtype`) and for the K/V pool alone
+(`--kv-cache-dtype`): decode step time at batch 1 and 32, and the quality cost of the default model at
+its default depth as held-out nats/char, two ways: full forwards (the weights' dtype; K/V never stored)
+and through the engine's pool (prompt log-probabilities computed 8 tokens a step, so every query
+attends over K/V read back from the pool in its dtype).
 
     python -m benchmarks.precision [--text ../shared/data/tinyshakespeare.txt] [--chars 60000] [--rounds 3]
 
-One torch thread; the two dtypes take turns in every round (medians over rounds).
+One torch thread; the variants take turns in every round (medians over rounds).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from model import DEFAULT_MODEL
 from server import Engine, EngineConfig, SamplingParams
 
-DTYPES = ("float32", "bfloat16")
+VARIANTS = {"float32": ("float32", "float32"), "float32 + bf16 K/V": ("float32", "bfloat16"), "bfloat16": ("bfloat16", "bfloat16")}
+POOL_CHARS = 6000  # the pool measurement decodes 8 tokens a step: a tenth of the held-out text
 
 
 def step_ms(engine: Engine, ids: list[int], batch: int, steps: int = 30) -> float:
@@ -53,6 +57,19 @@ def nats_per_char(engine: Engine, text: str, window: int = 256, batch: int = 16)
     return nll / len(engine.decode(ids[1 : n * window + 1]))
 
 
+def pool_nats_per_char(engine: Engine, text: str, window: int = 255) -> float:
+    """Held-out nats/char from prompt log-probabilities through the paged pool (the engine must take few
+    tokens a step, so that chunks attend over stored K/V)."""
+    ids = engine.encode(text)
+    n = (len(ids) - 1) // window
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=True, detokenize=False)
+    seqs = engine.add_request([ids[i * window : (i + 1) * window] for i in range(n)], params)
+    while engine.has_work():
+        engine.step()
+    nll = -sum(lp[0] for s in seqs for lp in s.prompt_logprobs[1:])
+    return nll / len(engine.decode([t for i in range(n) for t in ids[i * window + 1 : (i + 1) * window]]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
@@ -66,20 +83,28 @@ def main(argv=None) -> int:
         return 2
     text = Path(args.text).read_text(encoding="utf-8")
     held_out = text[int(len(text) * 0.9) :][: args.chars]
-    engines = {d: Engine(EngineConfig(model=DEFAULT_MODEL, dtype=d, max_batch_size=32), metrics=False) for d in DTYPES}
+    engines = {name: Engine(EngineConfig(model=DEFAULT_MODEL, dtype=w, kv_cache_dtype=kv, max_batch_size=32), metrics=False)
+               for name, (w, kv) in VARIANTS.items()}
     prompt = engines["float32"].encode(held_out[:400])[:32]
-    times = {(d, b): [] for d in DTYPES for b in (1, 32)}
+    names = list(VARIANTS)
+    times = {(d, b): [] for d in names for b in (1, 32)}
     for r in range(args.rounds):
-        for d in DTYPES if r % 2 == 0 else DTYPES[::-1]:
+        for d in names if r % 2 == 0 else names[::-1]:
             for b in (1, 32):
                 times[(d, b)].append(step_ms(engines[d], prompt, b))
     out = {"command": "python -m benchmarks.precision " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": []}
-    for d in DTYPES:
-        out["rows"].append({"dtype": d, "nats_per_char": nats_per_char(engines[d], held_out),
-                            **{f"step_ms_b{b}": statistics.median(times[(d, b)]) for b in (1, 32)}})
-    print("| dtype | nats/char | decode step ms, batch 1 | batch 32 |\n|---|---:|---:|---:|")
+    for name, (w, kv) in VARIANTS.items():
+        pool = Engine(EngineConfig(model=DEFAULT_MODEL, dtype=w, kv_cache_dtype=kv, max_num_batched_tokens=8,
+                                   max_batch_size=8), metrics=False)
+        out["rows"].append({"variant": name, "weights": w, "kv_cache": kv,
+                            "nats_per_char_full_forward": nats_per_char(engines[name], held_out),
+                            "nats_per_char_through_pool": pool_nats_per_char(pool, held_out[:POOL_CHARS]),
+                            **{f"step_ms_b{b}": statistics.median(times[(name, b)]) for b in (1, 32)}})
+    print(f"| weights | K/V pool | nats/char, full forwards ({args.chars} chars) | nats/char through the pool "
+          f"({POOL_CHARS} chars) | decode step ms, batch 1 | batch 32 |\n|---|---|---:|---:|---:|---:|")
     for row in out["rows"]:
-        print(f"| {row['dtype']} | {row['nats_per_char']:.4f} | {row['step_ms_b1']:.2f} | {row['step_ms_b32']:.2f} |")
+        print(f"| {row['weights']} | {row['kv_cache']} | {row['nats_per_char_full_forward']:.4f} | "
+              f"{row['nats_per_char_through_pool']:.4f} | {row['step_ms_b1']:.2f} | {row['step_ms_b32']:.2f} |")
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}  ({out['command']})")
     return 0

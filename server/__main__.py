@@ -26,9 +26,9 @@ FLAGS = [
                                       "twice the tokens in the same --kv-cache-mb, attention still runs in --dtype"),
     ("--compile", str, "auto", "torch.compile'd decode graphs, one per (batch bucket, depth): auto = on with CUDA "
                                "(CUDA graphs), off on CPU; on = also on CPU, where only batch buckets 1-2 compile "
-                               "(~20 s of compile per graph, in a background thread while eager steps serve; cached "
-                               "on disk in $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/mesh/inductor) and batch 1 "
-                               "decodes about 1.2x faster (docs/BENCHMARKS.md part 8); off = eager only"),
+                               "(13-28 s of compile per graph, in a background thread while eager steps serve; "
+                               "cached on disk in $TORCHINDUCTOR_CACHE_DIR, default ~/.cache/mesh/inductor) for "
+                               "0-7%% faster decoding at batch 1 (docs/BENCHMARKS.md part 8); off = eager only"),
     ("--max-batch-size", int, 64, "most sequences decoded together in one step"),
     ("--kv-cache-mb", float, None, "size of the K/V block pool in MiB, allocated at start and never exceeded "
                                    "(default 256 on CPU; on CUDA, when given, it wins over --gpu-memory-utilization)"),
