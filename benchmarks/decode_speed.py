@@ -244,7 +244,9 @@ def targets(res: dict) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.decode_speed", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, metavar="FILE.json")
+    ap.add_argument("--out", type=Path, required=True, metavar="FILE.json",
+                    help="results; the tables go to FILE.md and the plot to FILE.png beside it")
+    ap.add_argument("--from-json", action="store_true", help="measure nothing: redraw FILE.md and FILE.png from --out")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--threads", type=int, default=1)
@@ -254,6 +256,11 @@ def main(argv=None) -> int:
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if any(x not in PARTS for x in parts):
         ap.error(f"--parts: choose from {', '.join(PARTS)}")
+    if args.from_json:
+        res = json.loads(args.out.read_text(encoding="utf-8"))
+        save(res, args.out)
+        print(report(res))
+        return 0
     torch.set_num_threads(args.threads)
     p = PLANS["quick" if args.quick else "full"]
     cuda = args.device.startswith("cuda")
@@ -282,12 +289,39 @@ def main(argv=None) -> int:
 
             d = depth.run(subject, (1, 32), rounds=p["depth_rounds"], steps=8, quiet=True)
             res["overhead"] = {"mesh_overhead": d["mesh_overhead"], "mesh_overhead_all": d["mesh_overhead_all"]}
-    res["targets"] = targets(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    args.out.with_suffix(".md").write_text(report(res) + "\n", encoding="utf-8")  # the table, for docs/ (and docs/gpu/)
+        save(res, args.out)  # after every part: a later failure keeps what was measured
     print(report(res))
     return 0
+
+
+def save(res: dict, out: Path) -> None:
+    res["targets"] = targets(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(report(res) + "\n", encoding="utf-8")  # the tables, for docs/ (and docs/gpu/)
+    if res.get("inproc"):
+        plot(res["inproc"], out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """ms per decode step of each contender, per (dtype, batch), with the kernel floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [("hf_ms", "HF generate()"), ("eager_ms", "ours, eager"), ("compiled_ms", "ours, compiled"), ("floor_ms", "kernel floor")]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4))
+    for ax, row in zip(axes, rows):
+        vals = [row.get(k, 0.0) for k, _ in names]
+        ax.bar(range(len(names)), vals, color=["#888", "#1f77b4", "#2ca02c", "#ccc"])
+        ax.set_xticks(range(len(names)), [n for _, n in names], rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{row['dtype']}, batch {row['batch']}", fontsize=9)
+        ax.set_ylabel("ms per decode step" if ax is axes[0] else "")
+    fig.suptitle("decode step against HF transformers (vanilla twin, 1 thread, this CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(res: dict) -> str:
