@@ -177,10 +177,14 @@ def section_batch1(subject, plan: dict, prompts, quiet: bool) -> tuple[dict, dic
     depth's step cost) and, at the deepest K, HF's twin. Round r decodes prompt r mod len(prompts)."""
     n, specs = plan["new_tokens"], [(d, g) for d in plan["ds"] for g in plan["gs"]]
     eng = engines(subject, 1, plan["prompt_len"] + n + 2, specs, compile=plan["compile"])
-    for engine in eng.values():  # every depth a batch-1 row decodes at, compiled before the timing
-        if engine.runner.compiled is not None:
+    for spec, engine in eng.items():  # every graph a batch-1 row needs, compiled before the timing
+        graphs = engine.runner.compiled
+        if graphs is not None:
             for k in {*plan["depths"], *plan["ds"]}:
-                engine.runner.compiled.warm_up(k)
+                graphs.warm_up(k)
+            for k in plan["depths"]:
+                if spec is not None and spec[0] < k:
+                    graphs.warm_up(k, (1,), t0=spec[0], T=spec[1])  # its verify passes
     neox = hf_twin(subject, plan["prompt_len"] + n, max(plan["depths"]))
 
     def block(engine, k):
@@ -384,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="the engines' --compile (on: batch-1 decode and draft steps run as compiled graphs; "
-                        "verify passes stay eager)")
+                   help="the engines' --compile (on: batch-1 decode steps, drafts and verify passes run as "
+                        "compiled graphs)")
     return p
 
 

@@ -61,14 +61,21 @@ def test_mixed_depth_batch_decodes_eagerly_with_the_same_tokens(engines):
         assert seq.output_ids == eager.generate([PROMPTS[k - 1]], GREEDY, loops=k)[0].token_ids
 
 
-def test_speculation_drafts_run_in_graphs_with_identical_tokens(engines):
+def test_speculation_drafts_and_verify_passes_run_in_graphs_with_identical_tokens(engines):
     eager, compiled = engines  # the same model object: the graphs compiled above serve this engine too
     spec = Engine(EngineConfig(speculative_loops=1, num_speculative_tokens=2, compile="on"), model=compiled.model,
                   tokenizer=compiled.tokenizer, metrics=False)
-    spec.runner.compiled.warm_up(1)
+    graphs = spec.runner.compiled
+    graphs.warm_up(1)  # the drafts' decode steps at depth 1
+    graphs.warm_up(3, (1,), t0=1, T=2)  # the verify pass: iterations 1..2 and the coda for 2 drafts
     got = spec.generate(PROMPTS[:1], GREEDY, loops=3)[0].token_ids
     assert got == eager.generate(PROMPTS[:1], GREEDY, loops=3)[0].token_ids
-    assert spec.runner.compiled.steps > 0  # the depth-1 drafts ran in a graph
+    seq = spec.add_request([spec.encode(PROMPTS[1])], GREEDY, loops=3)[0]
+    while spec.has_work():
+        spec.step()
+    assert seq.num_drafted > 0 and seq.output_ids == eager.generate(PROMPTS[1:2], GREEDY, loops=3)[0].token_ids
+    # the drafts and the verify passes of both requests ran in graphs
+    assert graphs.runs["decode"] >= seq.num_drafted and graphs.runs["verify"] >= seq.num_drafted // 2
 
 
 def test_compile_setting_is_checked_and_buckets_pad_up():

@@ -58,62 +58,80 @@ def bucket(n: int) -> int:
 
 
 class PoolAttention:
-    """The attend() hook inside a compiled decode step: one new token per row attends over its past,
-    gathered from the pool through its unit table, and over itself; its K/V are kept in `new`, in the
-    order of the layer applications, for the runner to write."""
+    """The attend() hook inside a compiled step: T new tokens per row attend over the row's past, gathered
+    from the pool through its unit table, and causally over themselves; their K/V are kept in `new`, in
+    the order of the layer applications, for the runner to write."""
 
     def __init__(self, model: MeshForCausalLM, units: torch.Tensor, positions: torch.Tensor, k_units, v_units,
                  block_size: int):
         cfg = model.config
         self.config, self.units, self.k_units, self.v_units = cfg, units, k_units, v_units  # units (b, slots, nb)
         b, _, nb = units.shape
+        T = positions.shape[1]  # positions (b, T), consecutive per row
         keys = torch.arange(nb * block_size, device=units.device)
-        past = keys[None, :] < positions[:, None]  # (b, S): the keys before each row's new token
-        self.mask = torch.cat((past, past.new_ones(b, 1)), 1)[:, None, None]  # (b, 1, 1, S + 1): and itself
+        past = (keys[None, :] < positions[:, :1]).view(b, 1, 1, -1).expand(b, 1, T, nb * block_size)  # (b, 1, T, S)
+        own = torch.ones(T, T, dtype=torch.bool, device=units.device).tril().expand(b, 1, T, T)  # causal in the chunk
+        self.mask = torch.cat((past, own), -1)  # (b, 1, T, S + T)
         self.new: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kw: dict) -> torch.Tensor:
-        """q, k, v (b, nh, 1, hs) -> (b, nh, 1, hs)."""
+        """q, k, v (b, nh, T, hs) -> (b, nh, T, hs)."""
         b, nh, _, hs = q.shape
         slot = paged_slot(self.config, kw["stage"], kw["index"], kw["iteration"])
         units = self.units[:, slot]  # (b, nb)
         S = units.shape[1] * self.k_units.shape[1] // (nh * hs)
         keys = self.k_units.index_select(0, units.reshape(-1)).view(b, S, nh, hs).to(q.dtype)  # (b, S, nh, hs)
         values = self.v_units.index_select(0, units.reshape(-1)).view(b, S, nh, hs).to(q.dtype)
-        keys = torch.cat((keys, k.transpose(1, 2)), 1).transpose(1, 2)  # (b, nh, S + 1, hs)
+        keys = torch.cat((keys, k.transpose(1, 2)), 1).transpose(1, 2)  # (b, nh, S + T, hs)
         values = torch.cat((values, v.transpose(1, 2)), 1).transpose(1, 2)
         y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
-        self.new.append((k[:, :, 0], v[:, :, 0]))
+        self.new.append((k.transpose(1, 2), v.transpose(1, 2)))  # (b, T, nh, hs)
         return y
 
 
-def decode_step(model: MeshForCausalLM, ids, positions, units, k_units, v_units, block_size: int, loops: int):
-    """One decode token per row at depth `loops` through the model's stages ->
-    (logits (b, V), recurrence state after iteration loops, new K (b, N(K), nh, hs), new V)."""
+def _run_stages(model, state, t0: int, positions, units, k_units, v_units, block_size: int, loops: int, ids=None):
+    """The model's stages over T tokens per row: embeddings + prelude from ids (t0 = 0), or resumed from
+    `state` at iteration t0; iterations t0..loops-1 and the coda -> (logits (b, T, V), state after the last
+    iteration, new K (b, layer applications, T, nh, hs), new V)."""
     attn = PoolAttention(model, units, positions, k_units, v_units, block_size)
-    ctx = model.layer_context(positions[:, None], cache=attn, loops=loops)
-    state = model.iterate(model.start(model.embed(ids), ctx), 0, loops, ctx)
-    logits = model.compute_logits(model.finish(state, ctx)[:, -1])
+    ctx = model.layer_context(positions, cache=attn, loops=loops)
+    if ids is not None:
+        state = model.start(model.embed(ids), ctx)
+    state = model.iterate(state, t0, loops, ctx)
+    logits = model.compute_logits(model.finish(state, ctx))
     return logits, state, torch.stack([k for k, _ in attn.new], 1), torch.stack([v for _, v in attn.new], 1)
 
 
-def used_slots(model: MeshForCausalLM, loops: int) -> list[int]:
-    """The paged slots a depth-`loops` step writes, in the order decode_step returns their K/V."""
+def decode_step(model: MeshForCausalLM, ids, positions, units, k_units, v_units, block_size: int, loops: int):
+    """One decode token per row (ids (b, 1), positions (b, 1)) at depth `loops`."""
+    return _run_stages(model, None, 0, positions, units, k_units, v_units, block_size, loops, ids=ids)
+
+
+def verify_step(model: MeshForCausalLM, state: dict, positions, units, k_units, v_units, block_size: int, t0: int,
+                loops: int):
+    """A speculation round's g draft inputs per row (positions (b, g)) resumed from their saved states at
+    the draft depth t0: iterations t0..loops-1 and the coda."""
+    return _run_stages(model, state, t0, positions, units, k_units, v_units, block_size, loops)
+
+
+def used_slots(model: MeshForCausalLM, loops: int, t0: int = 0) -> list[int]:
+    """The paged slots a depth-`loops` step from iteration t0 writes, in the order its graph returns them."""
     cfg = model.config
-    out = [paged_slot(cfg, "prelude", j, 0) for j in range(cfg.n_prelude)]
-    out += [paged_slot(cfg, "core", j, t) for t in range(loops if cfg.is_recursive else 0) for j in range(cfg.n_core)]
+    out = [paged_slot(cfg, "prelude", j, 0) for j in range(cfg.n_prelude)] if t0 == 0 else []
+    out += [paged_slot(cfg, "core", j, t) for t in range(t0, loops if cfg.is_recursive else 0) for j in range(cfg.n_core)]
     return out + [paged_slot(cfg, "coda", j, 0) for j in range(cfg.n_coda)]
 
 
 class CompiledDecoder:
-    """Graphs of decode_step per (bucket, depth). `ready` says whether one can run now; `want` asks for
+    """Graphs of decode_step per (bucket, depth) and of verify_step per (bucket, depth, draft depth, drafts).
+    A graph's key is (kind, bucket, loops, t0, T). `ready` says whether one can run now; `want` asks for
     one (compiled by the background thread on CPU, or at once in the caller's thread on CUDA, where CUDA
     graphs are captured by the thread that replays them)."""
 
     def __init__(self, model: MeshForCausalLM, kv, max_blocks: int, max_batch: int, background: bool):
         cache_dir()
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):  # one graph per (bucket, depth): more than the default 8
+            if hasattr(torch._dynamo.config, name):  # one graph per shape and depth: more than the default 8
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
         self.model, self.kv, self.max_blocks, self.max_batch = model, kv, max_blocks, max_batch
         model.layer_context(torch.zeros(1, 1, dtype=torch.long, device=kv.kv.device))  # builds the rotary table outside any graph
@@ -122,74 +140,102 @@ class CompiledDecoder:
             mode = "reduce-overhead"  # CUDA graphs; the pool keeps its address, so replays must not copy it
             torch._dynamo.mark_static_address(kv.k_units)
             torch._dynamo.mark_static_address(kv.v_units)
-        self.fn = torch.compile(decode_step, dynamic=False, mode=mode)
-        self.slots = {K: used_slots(model, K) for K in range(1, model.config.max_loops + 1)}
-        self._ready: set[tuple[int, int]] = set()
-        self._asked: set[tuple[int, int]] = set()
+        self.fns = {"decode": torch.compile(decode_step, dynamic=False, mode=mode),
+                    "verify": torch.compile(verify_step, dynamic=False, mode=mode)}
+        self._ready: set[tuple] = set()
+        self._asked: set[tuple] = set()
         self.failed: str | None = None
-        self.steps = 0  # decode steps run by a graph
+        self.steps = 0  # steps run by a graph (decode steps and verify passes)
+        self.runs = {"decode": 0, "verify": 0}  # the same by kind
         self._queue: queue.Queue | None = None
         if background:
             self._queue = queue.Queue()
             threading.Thread(target=self._compile_loop, name="mesh-compile", daemon=True).start()
 
+    @staticmethod
+    def key(n: int, loops: int, t0: int = 0, T: int = 1) -> tuple:
+        return ("verify" if t0 else "decode", bucket(n), loops, t0, T)
+
     def covers(self, n: int) -> bool:
         return self.failed is None and n <= self.max_batch
 
-    def ready(self, n: int, loops: int) -> bool:
-        return (bucket(n), loops) in self._ready
+    def ready(self, n: int, loops: int, t0: int = 0, T: int = 1) -> bool:
+        return self.key(n, loops, t0, T) in self._ready
 
-    def want(self, n: int, loops: int) -> None:
-        key = (bucket(n), loops)
+    def want(self, n: int, loops: int, t0: int = 0, T: int = 1) -> None:
+        key = self.key(n, loops, t0, T)
         if key in self._asked or not self.covers(n):
             return
         self._asked.add(key)
         if self._queue is not None:
             self._queue.put(key)
         else:
-            self._compile(*key)
+            self._compile(key)
 
-    def warm_up(self, loops: int, batches=(1,)) -> None:
-        """Compile now (startup): the given batch buckets at depth `loops`."""
+    def warm_up(self, loops: int, batches=(1,), t0: int = 0, T: int = 1) -> None:
+        """Compile now (startup, benchmarks): the given batch buckets at depth `loops` (verify passes
+        from the draft depth t0 with T drafts when t0 > 0)."""
         for n in batches:
             if self.covers(n):
-                self._asked.add((bucket(n), loops))
-                self._compile(bucket(n), loops)
+                key = self.key(n, loops, t0, T)
+                self._asked.add(key)
+                self._compile(key)
 
     def _compile_loop(self) -> None:
         while True:
-            self._compile(*self._queue.get())
+            self._compile(self._queue.get())
 
-    def _compile(self, b: int, loops: int) -> None:
-        kv, device = self.kv, self.kv.kv.device
-        ids = torch.zeros(b, 1, dtype=torch.long, device=device)
-        positions = torch.zeros(b, dtype=torch.long, device=device)
-        units = torch.zeros(b, num_paged_slots(self.model.config), self.max_blocks, dtype=torch.long, device=device)
+    def _inputs(self, key: tuple) -> tuple:
+        """Dummy inputs of a graph's shapes (padding rows look the same: token 0 at position 0, unit 0)."""
+        kind, b, loops, t0, T = key
+        device, cfg = self.kv.kv.device, self.model.config
+        positions = torch.zeros(b, T, dtype=torch.long, device=device)
+        units = torch.zeros(b, num_paged_slots(cfg), self.max_blocks, dtype=torch.long, device=device)
+        if kind == "decode":
+            return torch.zeros(b, 1, dtype=torch.long, device=device), positions, units
+        with torch.inference_mode():  # a draft state: ids 0 through the prelude and iterations 0..t0-1
+            ctx = self.model.layer_context(positions, loops=t0)
+            state = self.model.iterate(self.model.start(self.model.embed(positions), ctx), 0, t0, ctx)
+        return state, positions, units
+
+    def _call(self, key: tuple, first, positions, units):
+        kind, _, loops, t0, _ = key
+        kv = self.kv
+        if kind == "decode":
+            return self.fns["decode"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, loops)
+        return self.fns["verify"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, t0, loops)
+
+    def _compile(self, key: tuple) -> None:
+        inputs = self._inputs(key)
         try:
             with torch.inference_mode():
-                for _ in range(2 if device.type == "cuda" else 1):  # CUDA graphs record on the second call
-                    self.fn(self.model, ids, positions, units, kv.k_units, kv.v_units, kv.block_size, loops)
+                for _ in range(2 if self.kv.kv.device.type == "cuda" else 1):  # CUDA graphs record on the second call
+                    self._call(key, *inputs)
         except Exception as exc:  # a compiler that cannot build here: serve eagerly, say why once
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log.warning("compile failed, decoding eagerly: %s", self.failed)
             return
-        self._ready.add((b, loops))
-        log.info("compiled decode graph: batch bucket %d, loops %d", b, loops)
+        self._ready.add(key)
+        log.info("compiled %s graph: batch bucket %d, loops %d%s", key[0], key[1], key[2],
+                 f", from iteration {key[3]}, {key[4]} tokens" if key[0] == "verify" else "")
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, write_index: torch.Tensor, loops: int):
-        """ids (n, 1), positions (n,), tables (n, slots, max_blocks), write_index (n, slots) -> (logits (n, V),
-        state (n rows)); the new K/V are written to the pool."""
-        n, b, kv = ids.shape[0], bucket(ids.shape[0]), self.kv
+    def run(self, first, positions: torch.Tensor, tables: torch.Tensor, write_index: torch.Tensor, loops: int,
+            t0: int = 0):
+        """A decode step (first = ids (n, 1), t0 = 0) or verify passes (first = draft states (n, g, ...), t0 =
+        the draft depth); positions (n, T), tables (n, slots, max_blocks), write_index (n, slots, T) ->
+        (logits (n, T, V), state (n rows)); the new K/V are written to the pool."""
+        n, T = positions.shape
+        key, kv = self.key(n, loops, t0, T), self.kv
         self.steps += 1
-        if b > n:  # padding rows: token 0 at position 0 over unit 0, results dropped, nothing written
-            pad = b - n
-            ids = torch.cat((ids, ids.new_zeros(pad, 1)))
-            positions = torch.cat((positions, positions.new_zeros(pad)))
+        self.runs[key[0]] += 1
+        pad = key[1] - n
+        if pad:  # padding rows: token 0 at position 0 over unit 0, results dropped, nothing written
+            positions = torch.cat((positions, positions.new_zeros(pad, T)))
             tables = torch.cat((tables, tables.new_zeros(pad, *tables.shape[1:])))
-        logits, state, new_k, new_v = self.fn(self.model, ids, positions, tables, kv.k_units, kv.v_units,
-                                              kv.block_size, loops)
-        slots = self.slots[loops]
-        idx = write_index[:, slots].reshape(-1)  # (n * N(K),)
-        kv.k_flat.index_copy_(0, idx, new_k[:n].reshape(-1, *new_k.shape[2:]).to(kv.kv.dtype))
-        kv.v_flat.index_copy_(0, idx, new_v[:n].reshape(-1, *new_v.shape[2:]).to(kv.kv.dtype))
+            first = torch.cat((first, first.new_zeros(pad, *first.shape[1:]))) if torch.is_tensor(first) else \
+                {name: torch.cat((v, v.new_zeros(pad, *v.shape[1:]))) for name, v in first.items()}
+        logits, state, new_k, new_v = self._call(key, first, positions, tables)
+        idx = write_index[:, used_slots(self.model, loops, t0)].reshape(-1)  # (n * slots * T,)
+        kv.k_flat.index_copy_(0, idx, new_k[:n].reshape(-1, *new_k.shape[3:]).to(kv.kv.dtype))
+        kv.v_flat.index_copy_(0, idx, new_v[:n].reshape(-1, *new_v.shape[3:]).to(kv.kv.dtype))
         return logits[:n], {name: v[:n] for name, v in state.items()}

@@ -116,7 +116,8 @@ class ModelRunner:
             return self._decode_adaptive(seqs, ids, pos.view(n, 1), depths)
         row_loops = None if depths[0] == depths[-1] else depths
         if row_loops is None and self._compiled_ready(n, depths[0]):
-            logits, state = self.compiled.run(ids, pos, tables, self.kv.write_index, depths[0])
+            logits, state = self.compiled.run(ids, pos.view(n, 1), tables, self.kv.write_index, depths[0])
+            logits = logits[:, -1]
         else:
             logits, state = self._forward(ids, pos.view(n, 1), depths[0], row_loops, keep_all=False)
         for i, seq in enumerate(seqs):
@@ -124,14 +125,15 @@ class ModelRunner:
                 seq.draft_states.append({name: v[i : i + 1].clone() for name, v in state.items()})
         return logits
 
-    def _compiled_ready(self, n: int, loops: int) -> bool:
-        """Whether a compiled graph runs this one-depth batch; if not, asks for one (eager serves meanwhile)."""
+    def _compiled_ready(self, n: int, loops: int, t0: int = 0, T: int = 1) -> bool:
+        """Whether a compiled graph runs this one-depth batch (a decode step, or verify passes from the draft
+        depth t0 with T drafts); if not, asks for one (eager serves meanwhile)."""
         if self.compiled is None or not self.compiled.covers(n):
             return False
-        if self.compiled.ready(n, loops):
+        if self.compiled.ready(n, loops, t0, T):
             return True
-        self.compiled.want(n, loops)
-        return self.compiled.ready(n, loops)  # compiled in this thread (CUDA): ready now
+        self.compiled.want(n, loops, t0, T)
+        return self.compiled.ready(n, loops, t0, T)  # compiled in this thread (CUDA): ready now
 
     def _decode_adaptive(self, seqs: list[Sequence], ids, positions, depths: list[int]) -> torch.Tensor:
         """A decode step with `loops: "auto"` rows: core iteration t runs on the rows still iterating (any
@@ -222,6 +224,9 @@ class ModelRunner:
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(g, device=self.device)
         depths = [s.loops for s in seqs]
         row_loops = None if depths[0] == depths[-1] else depths
+        if row_loops is None and self._compiled_ready(len(seqs), depths[0], self.draft_loops, g):
+            tables = torch.stack([s.table for s in seqs]).to(self.device)
+            return self.compiled.run(state, positions, tables, self.kv.write_index, depths[0], self.draft_loops)[0]
         ctx = m.layer_context(positions, cache=self.kv, loops=depths[0], row_loops=row_loops)
         state = m.iterate(state, self.draft_loops, depths[0], ctx)
         return m.compute_logits(m.finish(state, ctx))
