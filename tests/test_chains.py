@@ -83,17 +83,47 @@ def test_training_queries_put_the_deepest_first(replace):
 
 def test_training_rows_label_only_answer_digits():
     rng = np.random.default_rng(1)
-    ids, labels, label_hops = chains.training_row(rng, 4, 6)
+    ids, labels, answers = chains.training_row(rng, 4, 6)
     inv = {i: t for t, i in chains.VOCAB.items()}
     tokens = [inv[i] for i in ids]
     text = "".join(tokens)
     labelled = [i for i, t in enumerate(labels) if t != chains.IGNORE]
-    assert len(labelled) == len(label_hops) == 6
+    assert labelled == [i for i, _ in answers] and len(answers) == 6
+    label_hops = [h for _, h in answers]
     assert all(tokens[i].endswith("=") and tokens[i - 1] == "?" for i in labelled)  # the "x=" of each query predicts
     values, hops = solve(text.split(";?")[0])
     for i, h in zip(labelled, label_hops):
         var = tokens[i][0]
         assert labels[i] == chains.VOCAB[str(values[var])] and h == hops[var]
+
+
+def test_assignment_labels_name_the_variable_each_assignment_defines():
+    plain = chains.training_row(np.random.default_rng(2), 3, 5)
+    ids, labels, answers = chains.training_row(np.random.default_rng(2), 3, 5, assignment_labels=True)
+    assert ids == plain[0] and answers == plain[2]  # the same line and answers, more labels
+    assert all(labels[i] == plain[1][i] for i, _ in answers)
+    inv = {i: t for t, i in chains.VOCAB.items()}
+    tokens = [inv[i] for i in ids]
+    prompt_end = tokens.index("?")  # the ';' before it ends the last assignment
+    key = None
+    for i, t in enumerate(tokens[:prompt_end]):
+        if t.endswith("="):
+            key = t
+            assert labels[i] == chains.IGNORE  # a key token predicts nothing
+        elif t in "+-":
+            assert inv[labels[i]] == tokens[i - 1] + "=", (i, tokens)  # the operator names its source's key
+        else:
+            assert inv[labels[i]] == key, (i, tokens)  # the digits, the source and the ending ';' name their key
+    assert set(labels[prompt_end:]) - {chains.IGNORE} == {plain[1][i] for i, _ in answers}  # the query part: answers only
+
+
+def test_max_offset_caps_the_chain_digits():
+    for i in range(20):
+        p = chains.make_problem(chains.rng_for("train", 0, i), 4, max_offset=0)
+        assert all(a.endswith(("+0", "-0")) or a[2:].isdigit() for a in p.assignments)
+        assert solve(p.text) == (p.values, p.hops)
+    # The default draws what it always drew: problems are a pure function of (split, seed, index).
+    assert chains.make_problem(chains.rng_for("test", 0, 3), 4).text == chains.make_problem(chains.rng_for("test", 0, 3), 4, max_offset=9).text
 
 
 def test_character_tokenizer_matches_encode():

@@ -61,11 +61,14 @@ class WindowSource:
     def level_counts(self, y, pred, hops):
         return None
 
-    def max_loops(self, max_loops: int) -> int:
+    def max_loops(self, max_loops: int, step: int = 0) -> int:
         return max_loops
 
 
-CHAINS_KEYS = {"task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0}
+CHAINS_KEYS = {
+    "task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0,
+    "assignment_labels": False, "copy_first": False, "uncapped_every": 0,
+}
 
 
 class ChainsSource:
@@ -77,6 +80,14 @@ class ChainsSource:
     deepest depth reaches data.advance_at: it waits for each hop count to be learned. Only first
     answers count: a later query may repeat a variable and copy its answer. With data.loops_per_hop
     > 0 a step runs at most ceil(level * loops_per_hop) loops, so the cheap shallow steps come first.
+    With data.assignment_labels every assignment token is also labelled with the variable it defines
+    (`chains.training_row`), the auxiliary target without which no run here learned the lookup.
+
+    With data.copy_first each level from 2 on has two stages: first its level-hop rows are copy
+    chains (every ``x=y+D`` has D = 0, so following the chain is all there is to learn), then, once
+    those are learned, any D (the arithmetic on top of the routing). Rows with fewer hops always
+    have any D. With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
+    depths the curriculum has not reached yet are trained too (to keep the answer, at least).
     """
 
     kind = "chains"
@@ -92,11 +103,15 @@ class ChainsSource:
             raise UsageError("data.queries must be >= 1, data.advance_at in (0, 1], data.ema in [0, 1)")
         self.c, self.tc = c, tc
         self.level, self.acc = c["start_hops"], 0.0
+        self.max_offset = self._first_offset(self.level)
         self.meta = {"vocab_size": len(chains.VOCAB), "bos_token_id": chains.EOS_ID, "eos_token_id": chains.EOS_ID, "pad_token_id": chains.PAD_ID}
         self.tokenizer_dir = Path(out) / "tokenizer"
         if not (self.tokenizer_dir / "tokenizer.json").is_file():
             chains.char_tokenizer().save_pretrained(str(self.tokenizer_dir))
             write_json_atomic(self.tokenizer_dir / "meta.json", self.meta)
+
+    def _first_offset(self, level: int) -> int:
+        return 0 if self.c["copy_first"] and level >= 2 else 9
 
     def _hops(self, rng) -> int:
         if self.level == 1 or rng.random() < 0.5:
@@ -107,21 +122,24 @@ class ChainsSource:
         rows = []
         for i in range(lo, hi):
             rng = chains.rng_for("train", self.tc.seed, step * self.tc.batch_size + i)
-            rows.append(chains.training_row(rng, self._hops(rng), self.c["queries"], self.c["replace"]))
+            hops = self._hops(rng)
+            cap = self.max_offset if hops == self.level else 9
+            rows.append(chains.training_row(rng, hops, self.c["queries"], self.c["replace"], self.c["assignment_labels"], cap))
         T = max(len(ids) for ids, _, _ in rows)
         x = torch.full((len(rows), T), chains.PAD_ID)
         y = torch.full((len(rows), T), IGNORE)
         hops = torch.zeros((len(rows), T), dtype=torch.long)
-        for r, (ids, labels, label_hops) in enumerate(rows):
+        for r, (ids, labels, answers) in enumerate(rows):
             x[r, : len(ids)] = torch.tensor(ids)
             y[r, : len(labels)] = torch.tensor(labels)
-            first = labels.index(next(t for t in labels if t != IGNORE))
-            hops[r, first] = label_hops[0]  # the first answer: it cannot copy an earlier one
+            first, first_hops = answers[0]
+            hops[r, first] = first_hops  # the first answer: it cannot copy an earlier one
         return x, y, hops
 
-    def max_loops(self, max_loops: int) -> int:
-        """The deepest depth a step may run at the current level."""
-        if self.c["loops_per_hop"] <= 0:
+    def max_loops(self, max_loops: int, step: int = 0) -> int:
+        """The deepest depth step ``step`` may run at the current level."""
+        every = self.c["uncapped_every"]
+        if self.c["loops_per_hop"] <= 0 or (every > 0 and step % every == every - 1):
             return max_loops
         return max(1, min(max_loops, math.ceil(self.level * self.c["loops_per_hop"])))
 
@@ -135,14 +153,24 @@ class ChainsSource:
         if n == 0:
             return
         self.acc = self.c["ema"] * self.acc + (1 - self.c["ema"]) * correct / n
-        if self.acc >= self.c["advance_at"] and self.level < self.c["max_hops"]:
+        if self.acc < self.c["advance_at"]:
+            return
+        if self.max_offset < 9:  # copy chains learned: now the arithmetic
+            self.max_offset, self.acc = 9, 0.0
+        elif self.level < self.c["max_hops"]:
             self.level, self.acc = self.level + 1, 0.0
+            self.max_offset = self._first_offset(self.level)
+
+    def curriculum(self) -> dict:
+        """What metrics.jsonl logs each record: the level, its stage, the running accuracy."""
+        return {"hops": self.level, "max_offset": self.max_offset, "accuracy": round(self.acc, 4)}
 
     def state_dict(self) -> dict:
-        return {"sampler": self.kind, "seed": self.tc.seed, "level": self.level, "acc": self.acc}
+        return {"sampler": self.kind, "seed": self.tc.seed, "level": self.level, "acc": self.acc, "max_offset": self.max_offset}
 
     def load_state_dict(self, state: dict) -> None:
         self.level, self.acc = state["level"], state["acc"]
+        self.max_offset = state.get("max_offset", 9)  # checkpoints from before copy_first
 
 
 def make_source(cfg: dict, out: Path):

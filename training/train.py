@@ -511,7 +511,7 @@ def train_step(run: Run):
     tc, dd, raw = run.tc, run.dd, run.raw
     t0 = time.perf_counter()
     k = sample_depth(run.step, tc.seed, tc.depth_sampling, raw.config.max_loops, tc.fixed_loops or raw.config.default_loops, tc.depth_mean, tc.depth_sigma, tc.depth_weights)
-    k = min(k, run.source.max_loops(raw.config.max_loops))  # a chains curriculum caps the depth of easy levels
+    k = min(k, run.source.max_loops(raw.config.max_loops, run.step))  # a chains curriculum caps the depth of easy levels
     lo = dd.rank * run.micro * run.accum
     loss_sum = torch.zeros((), device=run.device)
     counts, n_tokens = None, 0
@@ -576,7 +576,7 @@ def log_step(run: Run, bar, window: dict, peak: float, loss: float, k: int, lr: 
     if peak:
         rec["mfu"] = window["flops"] / window["time"] / peak
     if isinstance(run.source, ChainsSource):
-        rec["curriculum"] = {"hops": run.source.level, "accuracy": round(run.source.acc, 4)}
+        rec["curriculum"] = run.source.curriculum()
     append_metrics(run.metrics_path, rec)
     window.update(tokens=0, time=0.0, flops=0.0)
 

@@ -56,8 +56,9 @@ def rng_for(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([SPLIT_SEEDS[split], seed, index, 0xC4A1])))
 
 
-def make_problem(rng: np.random.Generator, hops: int, distractors: tuple[int, int] = (2, 4)) -> Problem:
-    """One problem whose target has exactly ``hops`` hops, with 2-4 distractor chains."""
+def make_problem(rng: np.random.Generator, hops: int, distractors: tuple[int, int] = (2, 4), max_offset: int = 9) -> Problem:
+    """One problem whose target has exactly ``hops`` hops, with 2-4 distractor chains. ``max_offset``
+    below 9 caps the D of ``x=y+D`` / ``x=y-D`` (a training curriculum: 0 makes every chain a copy)."""
     if not 1 <= hops <= MAX_HOPS:
         raise ValueError(f"hops must be in [1, {MAX_HOPS}], got {hops}")
     n_dis = int(rng.integers(distractors[0], distractors[1] + 1))
@@ -71,7 +72,7 @@ def make_problem(rng: np.random.Generator, hops: int, distractors: tuple[int, in
     for n in lengths:
         prev = None
         for depth in range(1, n + 1):
-            var, digit = next(names), int(rng.integers(0, 10))
+            var, digit = next(names), int(rng.integers(0, 10 if prev is None else max_offset + 1))
             if prev is None:
                 assignments.append(f"{var}={digit}")
                 values[var] = digit
@@ -140,17 +141,41 @@ def char_tokenizer():
     )
 
 
-def training_row(rng: np.random.Generator, hops: int, n_queries: int, replace: bool = False) -> tuple[list[int], list[int], list[int]]:
-    """(input ids, labels, hop count per label) of one training line: only answer digits are labelled
-    (at the ``x=`` token of each query, which predicts the digit after it)."""
-    problem = make_problem(rng, hops)
-    ids, answers, label_hops = encode(problem.text), [], []
-    for v in training_queries(rng, problem, n_queries, replace):
-        ids += encode(f";?{v}=")
-        answers.append(len(ids) - 1)
+def training_row(
+    rng: np.random.Generator, hops: int, n_queries: int, replace: bool = False, assignment_labels: bool = False, max_offset: int = 9
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """(input ids, labels, [(position, hop count)] of each answer) of one training line.
+
+    Answer digits are labelled at the ``x=`` token of each query, which predicts the digit after it.
+    With ``assignment_labels`` the other tokens of each assignment, and the ``;`` that ends it, are
+    also labelled: with the ``x=`` token of the variable the assignment defines, except the operator,
+    which names its source's key (``b=c-1;``: ``c``, ``1`` and ``;`` predict ``b=``, ``-`` predicts
+    ``c=``). These are auxiliary targets, not text: they hand the model the "which assignment am I
+    in" and "which variable does it read" features a lookup matches against (an induction head's
+    previous-token step), which without them sat on a plateau for every run here (docs/DEPTH.md).
+    Evaluation reads only the last position of a prompt, which these labels never touch."""
+    problem = make_problem(rng, hops, max_offset=max_offset)
+    ids: list[int] = []
+    aux: list[int] = []  # per input position: the label it gets with assignment_labels (IGNORE: none)
+    for j, assignment in enumerate(problem.assignments):
+        if j:
+            ids.append(VOCAB[";"])
+            aux.append(aux_key)  # the ';' ends the previous assignment
+        toks = encode(assignment)
+        aux_key = toks[0]  # the x= token of the variable defined here
+        aux += [IGNORE] + [aux_key] * (len(toks) - 1)
+        if len(toks) == 4:  # x=y+D: the operator names the source's key
+            aux[-2] = VOCAB[assignment[2] + "="]
+        ids += toks
+    answers = []
+    for k, v in enumerate(training_queries(rng, problem, n_queries, replace)):
+        q = encode(f";?{v}=")
+        aux += [aux_key if k == 0 else IGNORE] + [IGNORE] * (len(q) - 1)  # the first ';' ends the last assignment
+        ids += q
+        answers.append((len(ids) - 1, problem.hops[v]))
         ids += encode(str(problem.values[v]))
-        label_hops.append(problem.hops[v])
-    labels = [IGNORE] * (len(ids) - 1)
-    for a in answers:
+        aux.append(IGNORE)
+    labels = list(aux[: len(ids) - 1]) if assignment_labels else [IGNORE] * (len(ids) - 1)
+    for a, _ in answers:
         labels[a] = ids[a + 1]
-    return ids[:-1], labels, label_hops
+    return ids[:-1], labels, answers
