@@ -10,9 +10,11 @@ inputs (the pool is only read): CUDA graph capture needs that, and it lets a bac
 graphs with dummy inputs while eager steps serve. The runner writes the new K/V with one index_copy_ per
 step instead of two per layer application.
 
-Batches this does not cover run eagerly: mixed depths, "auto" rows, prompt chunks and verify passes, a
-graph not compiled yet, buckets above `max_batch` (on CPU batch 1-2: the full-width gather makes graphs
-slower than eager from batch 4 on, docs/BENCHMARKS.md part 8).
+Verify passes of a speculation round (g drafts resumed from their saved states at the draft depth) have
+graphs of their own, per (bucket, depth, draft depth, g). Batches this does not cover run eagerly:
+mixed depths, "auto" rows, prompt chunks, a graph not compiled yet, buckets above `max_batch` (on CPU
+batch 1-2: the full-width gather makes graphs slower than eager from batch 4 on, docs/BENCHMARKS.md
+part 8).
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ class Engine:
         if config.speculative_loops >= cfg.max_loops:
             raise ValueError(f"speculative_loops {config.speculative_loops} must be below the model's max_loops "
                              f"{cfg.max_loops}: drafts run shallower than the rows they serve")
-        self.runner = ModelRunner(self.model, self.kv, config.speculative_loops, self._compiled(config))
+        self.runner = ModelRunner(self.model, self.kv, config.speculative_loops, self._compiled(config),
+                                  config.num_speculative_tokens)
         self.sampler = Sampler(self.vocab_size, self.device, self.eos_token_id)
         self.metrics = Metrics(cfg.max_loops) if metrics is True else (metrics or None)
         self.scheduler.on_admit, self.scheduler.on_preempt = self._on_admit, self._on_preempt

@@ -46,10 +46,12 @@ class RunOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: MeshForCausalLM, kv: PagedKVCache, draft_loops: int = 0, compiled: CompiledDecoder | None = None):
+    def __init__(self, model: MeshForCausalLM, kv: PagedKVCache, draft_loops: int = 0, compiled: CompiledDecoder | None = None,
+                 spec_tokens: int = 0):
         self.model, self.kv = model, kv
         self.device = kv.kv.device
         self.draft_loops = draft_loops  # the depth speculation drafts at (0: off)
+        self.spec_tokens = spec_tokens  # drafts per full round: the only verify length that gets a graph
         self.compiled = compiled  # --compile: graphs for decode batches of one depth (compiled.py)
 
     @torch.inference_mode()
@@ -224,7 +226,7 @@ class ModelRunner:
         positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(g, device=self.device)
         depths = [s.loops for s in seqs]
         row_loops = None if depths[0] == depths[-1] else depths
-        if row_loops is None and self._compiled_ready(len(seqs), depths[0], self.draft_loops, g):
+        if row_loops is None and g == self.spec_tokens and self._compiled_ready(len(seqs), depths[0], self.draft_loops, g):
             tables = torch.stack([s.table for s in seqs]).to(self.device)
             return self.compiled.run(state, positions, tables, self.kv.write_index, depths[0], self.draft_loops)[0]
         ctx = m.layer_context(positions, cache=self.kv, loops=depths[0], row_loops=row_loops)
