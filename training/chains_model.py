@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, read_summary
+from .checkpoint import latest_checkpoint, load_trainer_state, read_summary
 from .common import UsageError, fsync_tree, replace_dir_atomic, run_cli
 from .config import load_config
 from .default_model import config_block, export
@@ -48,10 +48,13 @@ Serve it with `python -m server --model model/chains` and ask with `"loops": 1..
   MeSH memory with {config['mesh_slots']} slots, d={config['hidden_size']}, {config['num_attention_heads']} heads, rotary_pct {config['rotary_pct']:g},
   coda read routers per depth: {config.get('coda_read_routers', False)}, embeddings scaled by sqrt(d): {config.get('scale_embeddings', False)}.
 - Parameters: {n_params:,} (float32, {size / 1e6:.2f} MB on disk). Tokenizer: one token per character (no BOS).
-- Training: {summary['step']:,} steps of {tc['batch_size']} generated lines ({data.get('queries')} queries each, loss on answer digits only),
-  a loss at every depth 1..K each step (train.depth_losses = {tc['depth_losses']!r}), K capped at {data.get('loops_per_hop')} x the curriculum's hop count;
-  the curriculum adds a hop count once first-answer accuracy at the deepest depth reaches {data.get('advance_at')}.
-  AdamW (0.9, 0.95), wd {tc['weight_decay']}, lr {tc['lr']} (constant after {tc['warmup_steps']} warmup steps), seed {tc['seed']}.
+- Training: {summary['step']:,} steps of {tc['batch_size']} generated lines ({data.get('queries')} queries each; the loss is on answer digits
+  {"and on the auxiliary assignment labels (each assignment token names the key it defines, its operator the key it reads)" if data.get('assignment_labels') else "only"}),
+  a loss at every depth 1..K each step (train.depth_losses = {tc['depth_losses']!r}), K capped at {data.get('loops_per_hop')} x the curriculum's hop count
+  {f"except every {data.get('uncapped_every')}th step (all {config['max_loops']} loops)" if data.get('uncapped_every') else ""};
+  the curriculum adds a hop count once first-answer accuracy at the deepest depth reaches {data.get('advance_at')}
+  {f"(from 2 hops on, in stages of chain offsets D <= {data.get('offset_stages')})" if data.get('offset_stages', [9]) != [9] else ""}; it ended at {summary.get('curriculum', '?')}.
+  AdamW ({tc['beta1']}, {tc['beta2']}), wd {tc['weight_decay']}, lr {tc['lr']} (constant after {tc['warmup_steps']} warmup steps), seed {tc['seed']}.
 - Training time: {summary['train_time_s'] / 60:.1f} min of optimizer steps ({wall / 60:.1f} min wall clock with evals and checkpoints)
   on a 2-core CPU shared with other jobs, 1 torch thread.
 
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
         if ckpt is None:
             raise UsageError(f"no checkpoint in {work}")
         summary = read_summary(ckpt)
+        data_state = load_trainer_state(ckpt).get("data", {})
+        summary["curriculum"] = f"level {data_state.get('level', '?')} hops, max offset {data_state.get('max_offset', 9)}"
         model, _ = load_model(ckpt, torch.device("cpu"))
         c = model.config
         hops, loops = list(range(1, int(summary["config"]["data"].get("max_hops", 8)) + 1)), list(range(1, c.max_loops + 1))

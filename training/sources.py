@@ -67,7 +67,7 @@ class WindowSource:
 
 CHAINS_KEYS = {
     "task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0,
-    "assignment_labels": False, "copy_first": False, "uncapped_every": 0,
+    "assignment_labels": False, "offset_stages": [9], "uncapped_every": 0,
 }
 
 
@@ -83,10 +83,10 @@ class ChainsSource:
     With data.assignment_labels every assignment token is also labelled with the variable it defines
     (`chains.training_row`), the auxiliary target without which no run here learned the lookup.
 
-    With data.copy_first each level from 2 on has two stages: first its level-hop rows are copy
-    chains (every ``x=y+D`` has D = 0, so following the chain is all there is to learn), then, once
-    those are learned, any D (the arithmetic on top of the routing). Rows with fewer hops always
-    have any D. With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
+    data.offset_stages (e.g. [0, 9]) splits each level from 2 on into stages: its level-hop rows
+    first have D <= 0 in every ``x=y+D`` (copy chains: following the chain is all there is to
+    learn), then, once those are learned, D up to the next entry (the arithmetic on top of the
+    routing). Rows with fewer hops always have any D. With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
     depths the curriculum has not reached yet are trained too (to keep the answer, at least).
     """
 
@@ -99,6 +99,9 @@ class ChainsSource:
         c = {**CHAINS_KEYS, **data_cfg}
         if not 1 <= c["start_hops"] <= c["max_hops"] <= chains.MAX_HOPS:
             raise UsageError(f"data.start_hops and data.max_hops must satisfy 1 <= start_hops <= max_hops <= {chains.MAX_HOPS}")
+        stages = c["offset_stages"]
+        if not isinstance(stages, list) or not stages or any(not isinstance(d, int) or not 0 <= d <= 9 for d in stages) or stages != sorted(stages):
+            raise UsageError(f"data.offset_stages must be a non-empty increasing list of digits 0..9, got {stages!r}")
         if c["queries"] < 1 or not 0 < c["advance_at"] <= 1 or not 0 <= c["ema"] < 1:
             raise UsageError("data.queries must be >= 1, data.advance_at in (0, 1], data.ema in [0, 1)")
         self.c, self.tc = c, tc
@@ -111,7 +114,7 @@ class ChainsSource:
             write_json_atomic(self.tokenizer_dir / "meta.json", self.meta)
 
     def _first_offset(self, level: int) -> int:
-        return 0 if self.c["copy_first"] and level >= 2 else 9
+        return self.c["offset_stages"][0] if level >= 2 else 9
 
     def _hops(self, rng) -> int:
         if self.level == 1 or rng.random() < 0.5:
@@ -155,8 +158,8 @@ class ChainsSource:
         self.acc = self.c["ema"] * self.acc + (1 - self.c["ema"]) * correct / n
         if self.acc < self.c["advance_at"]:
             return
-        if self.max_offset < 9:  # copy chains learned: now the arithmetic
-            self.max_offset, self.acc = 9, 0.0
+        if self.max_offset < 9:  # the chains of this stage are learned: now larger offsets
+            self.max_offset, self.acc = min([d for d in self.c["offset_stages"] if d > self.max_offset] or [9]), 0.0
         elif self.level < self.c["max_hops"]:
             self.level, self.acc = self.level + 1, 0.0
             self.max_offset = self._first_offset(self.level)
