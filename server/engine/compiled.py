@@ -32,6 +32,7 @@ from model import MeshForCausalLM, num_paged_slots, paged_slot
 log = logging.getLogger("mesh.engine")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODES = ("auto", "on", "off")
+RECOMPILE_LIMIT = 256  # graphs per compiled function (dynamo's accumulated limit is 256 too)
 
 
 def cache_dir() -> Path:
@@ -132,9 +133,6 @@ class CompiledDecoder:
 
     def __init__(self, model: MeshForCausalLM, kv, max_blocks: int, max_batch: int, background: bool):
         cache_dir()
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):  # one graph per shape and depth: more than the default 8
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
         self.model, self.kv, self.max_blocks, self.max_batch = model, kv, max_blocks, max_batch
         model.layer_context(torch.zeros(1, 1, dtype=torch.long, device=kv.kv.device))  # builds the rotary table outside any graph
         mode = None
@@ -203,9 +201,12 @@ class CompiledDecoder:
     def _call(self, key: tuple, first, positions, units):
         kind, _, loops, t0, _ = key
         kv = self.kv
-        if kind == "decode":
-            return self.fns["decode"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, loops)
-        return self.fns["verify"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, t0, loops)
+        # One graph per shape and depth: more than dynamo's default of 8 per function. Set here, in the calling
+        # thread: a value set in the main thread does not reach the engine and compile threads.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            if kind == "decode":
+                return self.fns["decode"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, loops)
+            return self.fns["verify"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, t0, loops)
 
     def _compile(self, key: tuple) -> None:
         inputs = self._inputs(key)
