@@ -65,11 +65,12 @@ class PoolAttention:
     from the pool through its unit table, and causally over themselves; their K/V are kept in `new`, in
     the order of the layer applications, for the runner to write."""
 
-    def __init__(self, model: MeshForCausalLM, units: torch.Tensor, positions: torch.Tensor, k_units, v_units,
-                 block_size: int):
+    def __init__(self, model: MeshForCausalLM, units: torch.Tensor, positions: torch.Tensor, pool: tuple):
         cfg = model.config
-        self.config, self.units, self.k_units, self.v_units = cfg, units, k_units, v_units  # units (b, slots, nb)
+        self.config, self.units = cfg, units  # units (b, slots, nb)
+        self.k_units, self.v_units = pool  # (U, block_size * nh * hs) each
         b, _, nb = units.shape
+        block_size = self.k_units.shape[1] // (cfg.num_attention_heads * cfg.head_size)
         T = positions.shape[1]  # positions (b, T), consecutive per row
         keys = torch.arange(nb * block_size, device=units.device)
         past = (keys[None, :] < positions[:, :1]).view(b, 1, 1, -1).expand(b, 1, T, nb * block_size)  # (b, 1, T, S)
@@ -92,11 +93,11 @@ class PoolAttention:
         return y
 
 
-def _run_stages(model, state, t0: int, positions, units, k_units, v_units, block_size: int, loops: int, ids=None):
+def _run_stages(model, state, t0: int, positions, units, pool: tuple, loops: int, ids=None):
     """The model's stages over T tokens per row: embeddings + prelude from ids (t0 = 0), or resumed from
     `state` at iteration t0; iterations t0..loops-1 and the coda -> (logits (b, T, V), state after the last
-    iteration, new K (b, layer applications, T, nh, hs), new V)."""
-    attn = PoolAttention(model, units, positions, k_units, v_units, block_size)
+    iteration, new K (b, layer applications, T, nh, hs), new V). pool: the K/V pool's (k_units, v_units)."""
+    attn = PoolAttention(model, units, positions, pool)
     ctx = model.layer_context(positions, cache=attn, loops=loops)
     if ids is not None:
         state = model.start(model.embed(ids), ctx)
@@ -105,16 +106,15 @@ def _run_stages(model, state, t0: int, positions, units, k_units, v_units, block
     return logits, state, torch.stack([k for k, _ in attn.new], 1), torch.stack([v for _, v in attn.new], 1)
 
 
-def decode_step(model: MeshForCausalLM, ids, positions, units, k_units, v_units, block_size: int, loops: int):
+def decode_step(model: MeshForCausalLM, ids, positions, units, pool: tuple, loops: int):
     """One decode token per row (ids (b, 1), positions (b, 1)) at depth `loops`."""
-    return _run_stages(model, None, 0, positions, units, k_units, v_units, block_size, loops, ids=ids)
+    return _run_stages(model, None, 0, positions, units, pool, loops, ids=ids)
 
 
-def verify_step(model: MeshForCausalLM, state: dict, positions, units, k_units, v_units, block_size: int, t0: int,
-                loops: int):
+def verify_step(model: MeshForCausalLM, state: dict, positions, units, pool: tuple, t0: int, loops: int):
     """A speculation round's g draft inputs per row (positions (b, g)) resumed from their saved states at
     the draft depth t0: iterations t0..loops-1 and the coda."""
-    return _run_stages(model, state, t0, positions, units, k_units, v_units, block_size, loops)
+    return _run_stages(model, state, t0, positions, units, pool, loops)
 
 
 def used_slots(model: MeshForCausalLM, loops: int, t0: int = 0) -> list[int]:
@@ -200,13 +200,13 @@ class CompiledDecoder:
 
     def _call(self, key: tuple, first, positions, units):
         kind, _, loops, t0, _ = key
-        kv = self.kv
+        pool = (self.kv.k_units, self.kv.v_units)
         # One graph per shape and depth: more than dynamo's default of 8 per function. Set here, in the calling
         # thread: a value set in the main thread does not reach the engine and compile threads.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             if kind == "decode":
-                return self.fns["decode"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, loops)
-            return self.fns["verify"](self.model, first, positions, units, kv.k_units, kv.v_units, kv.block_size, t0, loops)
+                return self.fns["decode"](self.model, first, positions, units, pool, loops)
+            return self.fns["verify"](self.model, first, positions, units, pool, t0, loops)
 
     def _compile(self, key: tuple) -> None:
         inputs = self._inputs(key)
