@@ -115,29 +115,19 @@ class PoolAttention:
         return (w_past * past.transpose(1, 2) + w_own * own) / (w_past + w_own)
 
 
-def _run_stages(model, state, t0: int, positions, units, pool: tuple, loops: int, ids=None, kernel: bool = False):
-    """The model's stages over T tokens per row: embeddings + prelude from ids (t0 = 0), or resumed from
-    `state` at iteration t0; iterations t0..loops-1 and the coda -> (logits (b, T, V), state after the last
-    iteration, new K (b, layer applications, T, nh, hs), new V). pool: the K/V pool's (k_units, v_units)."""
+def graph_step(model: MeshForCausalLM, first, positions, units, pool: tuple, plan: tuple):
+    """The model's stages over T tokens per row, plan = (t0, loops, kernel) (Python constants: one graph
+    each): a decode step from ids (first (b, 1), t0 = 0: embeddings and prelude), or a speculation round's
+    g draft inputs resumed from their saved states at the draft depth t0 (first: the state dict); then
+    iterations t0..loops-1 and the coda -> (logits (b, T, V), state after the last iteration, new K (b,
+    layer applications, T, nh, hs), new V). pool: the K/V pool's (k_units, v_units)."""
+    t0, loops, kernel = plan
     attn = PoolAttention(model, units, positions, pool, kernel)
     ctx = model.layer_context(positions, cache=attn, loops=loops)
-    if ids is not None:
-        state = model.start(model.embed(ids), ctx)
+    state = model.start(model.embed(first), ctx) if t0 == 0 else first
     state = model.iterate(state, t0, loops, ctx)
     logits = model.compute_logits(model.finish(state, ctx))
     return logits, state, torch.stack([k for k, _ in attn.new], 1), torch.stack([v for _, v in attn.new], 1)
-
-
-def decode_step(model: MeshForCausalLM, ids, positions, units, pool: tuple, loops: int, kernel: bool = False):
-    """One decode token per row (ids (b, 1), positions (b, 1)) at depth `loops`."""
-    return _run_stages(model, None, 0, positions, units, pool, loops, ids=ids, kernel=kernel)
-
-
-def verify_step(model: MeshForCausalLM, state: dict, positions, units, pool: tuple, t0: int, loops: int,
-                kernel: bool = False):
-    """A speculation round's g draft inputs per row (positions (b, g)) resumed from their saved states at
-    the draft depth t0: iterations t0..loops-1 and the coda."""
-    return _run_stages(model, state, t0, positions, units, pool, loops, kernel=kernel)
 
 
 def used_slots(model: MeshForCausalLM, loops: int, t0: int = 0) -> list[int]:
@@ -149,7 +139,8 @@ def used_slots(model: MeshForCausalLM, loops: int, t0: int = 0) -> list[int]:
 
 
 class CompiledDecoder:
-    """Graphs of decode_step per (bucket, depth) and of verify_step per (bucket, depth, draft depth, drafts).
+    """Graphs of graph_step: decode steps per (bucket, depth), verify passes per (bucket, depth, draft depth,
+    drafts).
     A graph's key is (kind, bucket, loops, t0, T). `ready` says whether one can run now; `want` asks for
     one (compiled by the background thread on CPU, or at once in the caller's thread on CUDA, where CUDA
     graphs are captured by the thread that replays them)."""
@@ -164,8 +155,8 @@ class CompiledDecoder:
             mode = "reduce-overhead"  # CUDA graphs; the pool keeps its address, so replays must not copy it
             torch._dynamo.mark_static_address(kv.k_units)
             torch._dynamo.mark_static_address(kv.v_units)
-        self.fns = {"decode": torch.compile(decode_step, dynamic=False, mode=mode),
-                    "verify": torch.compile(verify_step, dynamic=False, mode=mode)}
+        self.fn = torch.compile(graph_step, dynamic=False, mode=mode)
+        self.slots: dict[tuple, list[int]] = {}  # (loops, t0) -> used_slots
         self._ready: set[tuple] = set()
         self._asked: set[tuple] = set()
         self.failed: str | None = None
@@ -223,14 +214,12 @@ class CompiledDecoder:
         return state, positions, units
 
     def _call(self, key: tuple, first, positions, units):
-        kind, _, loops, t0, _ = key
+        _, _, loops, t0, _ = key
         pool = (self.kv.k_units, self.kv.v_units)
         # One graph per shape and depth: more than dynamo's default of 8 per function. Set here, in the calling
         # thread: a value set in the main thread does not reach the engine and compile threads.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            if kind == "decode":
-                return self.fns["decode"](self.model, first, positions, units, pool, loops, self.kernel)
-            return self.fns["verify"](self.model, first, positions, units, pool, t0, loops, self.kernel)
+            return self.fn(self.model, first, positions, units, pool, (t0, loops, self.kernel))
 
     def _compile(self, key: tuple) -> None:
         inputs = self._inputs(key)
@@ -262,7 +251,8 @@ class CompiledDecoder:
             first = torch.cat((first, first.new_zeros(pad, *first.shape[1:]))) if torch.is_tensor(first) else \
                 {name: torch.cat((v, v.new_zeros(pad, *v.shape[1:]))) for name, v in first.items()}
         logits, state, new_k, new_v = self._call(key, first, positions, tables)
-        idx = write_index[:, used_slots(self.model, loops, t0)].reshape(-1)  # (n * slots * T,)
+        slots = self.slots.get((loops, t0)) or self.slots.setdefault((loops, t0), used_slots(self.model, loops, t0))
+        idx = write_index[:, slots].reshape(-1)  # (n * slots * T,)
         kv.k_flat.index_copy_(0, idx, new_k[:n].reshape(-1, *new_k.shape[3:]).to(kv.kv.dtype))
         kv.v_flat.index_copy_(0, idx, new_v[:n].reshape(-1, *new_v.shape[3:]).to(kv.kv.dtype))
         return logits[:n], {name: v[:n] for name, v in state.items()}
