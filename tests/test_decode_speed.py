@@ -126,12 +126,9 @@ def test_paged_attention_kernel_equals_gather_and_sdpa(pool_dtype):
     units = torch.randperm(U)[: n * nb].view(n, nb)  # scattered blocks, in table order
     lengths = torch.tensor([[1, 2, 3], [7, 8, 9], [18, 19, 20]])  # (n, T): causal queries of a verify pass
     q = torch.randn(n, T, nh, hs)
-    got, lse = kernel.decode(q, k_pool, v_pool, units, lengths, hs ** -0.5)
+    got = kernel.decode(q, k_pool, v_pool, units, lengths, hs ** -0.5)
     keys = k_pool[units].reshape(n, nb * bs, nh, hs).transpose(1, 2).float()  # (n, nh, S, hs)
     values = v_pool[units].reshape(n, nb * bs, nh, hs).transpose(1, 2).float()
     visible = torch.arange(nb * bs)[None, None, :] < lengths[:, :, None]  # (n, T, S)
     want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=visible[:, None])
     torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
-    scores = (q.transpose(1, 2) @ keys.transpose(-1, -2)) * hs ** -0.5  # (n, nh, T, S)
-    want_lse = scores.masked_fill(~visible[:, None], float("-inf")).logsumexp(-1).transpose(1, 2)  # (n, T, nh)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)

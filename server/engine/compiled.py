@@ -29,8 +29,6 @@ import torch
 
 from model import MeshForCausalLM, num_paged_slots, paged_slot
 
-from .paged_attention import paged_attention
-
 log = logging.getLogger("mesh.engine")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODES = ("auto", "on", "off")
@@ -63,20 +61,17 @@ def bucket(n: int) -> int:
 
 
 class PoolAttention:
-    """The attend() hook inside a compiled step: T new tokens per row attend over the row's past in the pool
-    and causally over themselves; their K/V are kept in `new`, in the order of the layer applications, for
-    the runner to write. The past is read by the CPU kernel (paged_attention.py, `kernel`: its output and
-    log-sum-exp merge with the chunk's own keys), or gathered through the unit table for SDPA."""
+    """The attend() hook inside a compiled step: T new tokens per row attend over the row's past, gathered
+    from the pool through its unit table, and causally over themselves; their K/V are kept in `new`, in
+    the order of the layer applications, for the runner to write."""
 
-    def __init__(self, model: MeshForCausalLM, units: torch.Tensor, positions: torch.Tensor, pool: tuple,
-                 kernel: bool = False):
+    def __init__(self, model: MeshForCausalLM, units: torch.Tensor, positions: torch.Tensor, pool: tuple):
         cfg = model.config
-        self.config, self.units, self.kernel = cfg, units, kernel  # units (b, slots, nb)
+        self.config, self.units = cfg, units  # units (b, slots, nb)
         self.k_units, self.v_units = pool  # (U, block_size * nh * hs) each
         b, _, nb = units.shape
         block_size = self.k_units.shape[1] // (cfg.num_attention_heads * cfg.head_size)
         T = positions.shape[1]  # positions (b, T), consecutive per row
-        self.block_size, self.starts = block_size, positions[:, :1].expand(b, T).contiguous()  # (b, T): past keys
         keys = torch.arange(nb * block_size, device=units.device)
         past = (keys[None, :] < positions[:, :1]).view(b, 1, 1, -1).expand(b, 1, T, nb * block_size)  # (b, 1, T, S)
         own = torch.ones(T, T, dtype=torch.bool, device=units.device).tril().expand(b, 1, T, T)  # causal in the chunk
@@ -89,8 +84,6 @@ class PoolAttention:
         slot = paged_slot(self.config, kw["stage"], kw["index"], kw["iteration"])
         units = self.units[:, slot]  # (b, nb)
         self.new.append((k.transpose(1, 2), v.transpose(1, 2)))  # (b, T, nh, hs)
-        if self.kernel:
-            return self._attend_kernel(q, k, v, units)
         S = units.shape[1] * self.k_units.shape[1] // (nh * hs)
         keys = self.k_units.index_select(0, units.reshape(-1)).view(b, S, nh, hs).to(q.dtype)  # (b, S, nh, hs)
         values = self.v_units.index_select(0, units.reshape(-1)).view(b, S, nh, hs).to(q.dtype)
@@ -98,31 +91,15 @@ class PoolAttention:
         values = torch.cat((values, v.transpose(1, 2)), 1).transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
 
-    def _attend_kernel(self, q, k, v, units):
-        """The past from the kernel, the chunk's own keys here, merged by their log-sum-exps."""
-        b, nh, T, hs = q.shape
-        pools = (x.view(x.shape[0], self.block_size, nh, hs) for x in (self.k_units, self.v_units))
-        # contiguous inputs: the operator's strides must be the same when traced and when run
-        past, past_lse = paged_attention(q.transpose(1, 2).contiguous(), *pools, units.contiguous(), self.starts,
-                                         hs ** -0.5)  # (b, T, nh, hs), (b, T, nh)
-        scores = (q @ k.transpose(-1, -2)) * hs ** -0.5  # (b, nh, T, T)
-        scores = scores.masked_fill(~self.mask[..., -T:], float("-inf"))
-        own_lse = scores.logsumexp(-1)  # (b, nh, T)
-        own = (scores - own_lse[..., None]).exp() @ v  # (b, nh, T, hs)
-        past_lse = past_lse.transpose(1, 2)  # (b, nh, T)
-        top = torch.maximum(past_lse, own_lse)
-        w_past, w_own = (past_lse - top).exp()[..., None], (own_lse - top).exp()[..., None]
-        return (w_past * past.transpose(1, 2) + w_own * own) / (w_past + w_own)
-
 
 def graph_step(model: MeshForCausalLM, first, positions, units, pool: tuple, plan: tuple):
-    """The model's stages over T tokens per row, plan = (t0, loops, kernel) (Python constants: one graph
+    """The model's stages over T tokens per row, plan = (t0, loops) (Python constants: one graph
     each): a decode step from ids (first (b, 1), t0 = 0: embeddings and prelude), or a speculation round's
     g draft inputs resumed from their saved states at the draft depth t0 (first: the state dict); then
     iterations t0..loops-1 and the coda -> (logits (b, T, V), state after the last iteration, new K (b,
     layer applications, T, nh, hs), new V). pool: the K/V pool's (k_units, v_units)."""
-    t0, loops, kernel = plan
-    attn = PoolAttention(model, units, positions, pool, kernel)
+    t0, loops = plan
+    attn = PoolAttention(model, units, positions, pool)
     ctx = model.layer_context(positions, cache=attn, loops=loops)
     state = model.start(model.embed(first), ctx) if t0 == 0 else first
     state = model.iterate(state, t0, loops, ctx)
@@ -148,7 +125,6 @@ class CompiledDecoder:
     def __init__(self, model: MeshForCausalLM, kv, max_blocks: int, max_batch: int, background: bool):
         cache_dir()
         self.model, self.kv, self.max_blocks, self.max_batch = model, kv, max_blocks, max_batch
-        self.kernel = kv.kernel is not None  # the CPU paged-attention kernel serves the graphs' attention too
         model.layer_context(torch.zeros(1, 1, dtype=torch.long, device=kv.kv.device))  # builds the rotary table outside any graph
         mode = None
         if kv.kv.device.type == "cuda":
@@ -219,7 +195,7 @@ class CompiledDecoder:
         # One graph per shape and depth: more than dynamo's default of 8 per function. Set here, in the calling
         # thread: a value set in the main thread does not reach the engine and compile threads.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return self.fn(self.model, first, positions, units, pool, (t0, loops, self.kernel))
+            return self.fn(self.model, first, positions, units, pool, (t0, loops))
 
     def _compile(self, key: tuple) -> None:
         inputs = self._inputs(key)

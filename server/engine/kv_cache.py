@@ -135,7 +135,7 @@ class PagedKVCache:
         keys of each query, read in place by the kernel, or gathered for SDPA under mask (n, 1, T, S)."""
         if self.kernel is not None and q.shape[2] <= KERNEL_MAX_T:
             out = self.kernel.decode(q.transpose(1, 2).contiguous(), self.k_pool, self.v_pool, units.contiguous(),
-                                     lengths.contiguous(), q.shape[-1] ** -0.5)[0]  # (n, T, nh, hs)
+                                     lengths.contiguous(), q.shape[-1] ** -0.5)  # (n, T, nh, hs)
             return out.transpose(1, 2)
         n, nb = units.shape
         nh, hs = q.shape[1], q.shape[-1]

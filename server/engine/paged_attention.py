@@ -8,9 +8,8 @@ once. It is C++ built at first use with torch.utils.cpp_extension (cached under
 ~/.cache/torch_extensions; about a minute the first time); without a compiler, or with
 MESH_PAGED_KERNEL=0, `load()` returns None and the portable path runs.
 
-    out, lse = kernel.decode(q (n, T, nh, hs) float32, k_pool, v_pool (U, bs, nh, hs) float32|bfloat16,
-                             units (n, nb) int64, lengths (n, T) int64, scale)
-        out (n, T, nh, hs) float32; lse (n, T, nh): the log-sum-exp of each query's scores (-inf: no keys)
+    out = kernel.decode(q (n, T, nh, hs) float32, k_pool, v_pool (U, bs, nh, hs) float32|bfloat16,
+                        units (n, nb) int64, lengths (n, T) int64, scale)  ->  (n, T, nh, hs) float32
 
 Query t of row i attends over the row's first lengths[i, t] positions (its K/V already in the pool):
 position p is offset p % bs of unit units[i, p // bs]. T is 1 for a decode step, g for a verify pass.
@@ -22,8 +21,6 @@ import logging
 import os
 import threading
 
-import torch
-
 log = logging.getLogger("mesh.engine")
 
 SOURCE = r"""
@@ -34,7 +31,7 @@ SOURCE = r"""
 
 template <typename T>
 static void rows(const float* q, const T* kp, const T* vp, const int64_t* units, const int64_t* lengths, float* out,
-                 float* lse, int64_t n, int64_t nq, int64_t nh, int64_t hs, int64_t bs, int64_t nb, float scale) {
+                 int64_t n, int64_t nq, int64_t nh, int64_t hs, int64_t bs, int64_t nb, float scale) {
   at::parallel_for(0, n * nq * nh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score;
     std::vector<float> acc(hs);
@@ -61,12 +58,11 @@ static void rows(const float* q, const T* kp, const T* vp, const int64_t* units,
       float* o = out + r * hs;
       const float inv = len > 0 ? 1.f / sum : 0.f;
       for (int64_t d = 0; d < hs; ++d) o[d] = acc[d] * inv;
-      lse[r] = len > 0 ? m + std::log(sum) : -INFINITY;  // log-sum-exp of the scores: to merge other keys
     }
   });
 }
 
-std::vector<torch::Tensor> decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor units,
+torch::Tensor decode(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor units,
                      torch::Tensor lengths, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && q.is_contiguous() && q.dim() == 4, "q: contiguous float32 (n, T, nh, hs)");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.dim() == 4, "pools: contiguous (U, bs, nh, hs)");
@@ -74,18 +70,15 @@ std::vector<torch::Tensor> decode(torch::Tensor q, torch::Tensor k_pool, torch::
   const int64_t n = q.size(0), nq = q.size(1), nh = q.size(2), hs = q.size(3), bs = k_pool.size(1), nb = units.size(1);
   TORCH_CHECK(lengths.is_contiguous() && lengths.numel() == n * nq && units.size(0) == n, "lengths (n, T), units (n, nb)");
   auto out = torch::empty_like(q);
-  auto lse = torch::empty({n, nq, nh}, q.options());
   if (k_pool.scalar_type() == torch::kBFloat16) {
     rows<at::BFloat16>(q.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(),
-                       units.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), lse.data_ptr<float>(),
-                       n, nq, nh, hs, bs, nb, scale);
+                       units.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), n, nq, nh, hs, bs, nb, scale);
   } else {
     TORCH_CHECK(k_pool.scalar_type() == torch::kFloat32, "pools: float32 or bfloat16");
     rows<float>(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
-                units.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), lse.data_ptr<float>(),
-                n, nq, nh, hs, bs, nb, scale);
+                units.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), out.data_ptr<float>(), n, nq, nh, hs, bs, nb, scale);
   }
-  return {out, lse};
+  return out;
 }
 """
 
@@ -107,23 +100,10 @@ def _build():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline(name="mesh_paged_attention_v3", cpp_sources=SOURCE, functions=["decode"],
+        module = load_inline(name="mesh_paged_attention_v2", cpp_sources=SOURCE, functions=["decode"],
                              extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"], verbose=False)
     except Exception as exc:  # no compiler, no headers: the portable path serves
         log.warning("paged attention kernel not built (%s): gathering blocks instead",
                     f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
         return None
     return module
-
-
-@torch.library.custom_op("mesh::paged_attention", mutates_args=())
-def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, units: torch.Tensor,
-                    lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernel.decode as an operator torch.compile can put in a graph (compiled.py); load() must succeed."""
-    out, lse = load().decode(q.contiguous(), k_pool, v_pool, units.contiguous(), lengths.contiguous(), scale)
-    return out, lse
-
-
-@paged_attention.register_fake
-def _(q, k_pool, v_pool, units, lengths, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1])  # contiguous, as the kernel's
