@@ -33,6 +33,7 @@ log = logging.getLogger("mesh.engine")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODES = ("auto", "on", "off")
 RECOMPILE_LIMIT = 256  # graphs per compiled function (dynamo's accumulated limit is 256 too)
+_thread = threading.local()
 
 
 def cache_dir() -> Path:
@@ -192,10 +193,13 @@ class CompiledDecoder:
     def _call(self, key: tuple, first, positions, units):
         _, _, loops, t0, _ = key
         pool = (self.kv.k_units, self.kv.v_units)
-        # One graph per shape and depth: more than dynamo's default of 8 per function. Set here, in the calling
-        # thread: a value set in the main thread does not reach the engine and compile threads.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return self.fn(self.model, first, positions, units, pool, (t0, loops))
+        if not getattr(_thread, "limit_set", False):
+            # One graph per shape and depth: more than dynamo's default of 8 per function. Set in each calling
+            # thread: a value set in the main thread does not reach the engine and compile threads (and a
+            # config.patch() around every call costs about 1 ms).
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+            _thread.limit_set = True
+        return self.fn(self.model, first, positions, units, pool, (t0, loops))
 
     def _compile(self, key: tuple) -> None:
         inputs = self._inputs(key)
