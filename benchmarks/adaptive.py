@@ -144,15 +144,19 @@ def print_criteria(rows: list[dict]) -> None:
         print(f"| {r['criterion']} | {thr} | {r['mean_exit']:.2f} | {r['nats_per_char']:.4f} | {r['layers_per_token']:.2f} |")
 
 
-def chains_part(model_dir: Path, n: int, hops: list[int]) -> list[dict]:
+def chains_part(model_dir: Path, n: int, hops: list[int], max_offset: int = 9) -> list[dict]:
+    """Accuracy by hop count at each fixed depth and each exit threshold, the mean core iterations of the
+    answer token, and the median ms of the step that computes it (batch 1). Every setting runs as an
+    "auto" row (a fixed depth k is min_loops = max_loops = k): the prompt but its last token is prefilled at
+    max_loops and the answer comes from a one-token step, so the answer steps compare like for like."""
     from training.tasks.chains import eval_problems
 
     engine = Engine(EngineConfig(model=model_dir, max_batch_size=64), metrics=False)
     cfg = engine.model.config
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    settings = [(f"loops={k}", k) for k in range(1, cfg.max_loops + 1)]
+    settings = [(f"loops={k}", AutoDepth(min_loops=k, max_loops=k, exit_threshold=0.0)) for k in range(1, cfg.max_loops + 1)]
     settings += [(f"auto t={t}", AutoDepth(min_loops=1, exit_threshold=t)) for t in THRESHOLDS]
-    problems = {h: eval_problems("test", 0, h, n) for h in hops}
+    problems = {h: eval_problems("test", 0, h, n, max_offset) for h in hops}
     out = []
     for name, loops in settings:
         row = {"setting": name, "accuracy": {}, "iterations": 0, "answers": 0}
@@ -164,20 +168,52 @@ def chains_part(model_dir: Path, n: int, hops: list[int]) -> list[dict]:
             row["accuracy"][h] = right / len(probs)
             row["iterations"] += sum(s.loop_steps for s in seqs)
             row["answers"] += len(seqs)
+        row["mean_accuracy"] = statistics.mean(row["accuracy"].values())
         row["mean_loops"] = row["iterations"] / row["answers"]
-        row["ms_per_answer_b1"] = answer_latency(engine, problems[hops[-1]][:8], params, loops)
         out.append(row)
+    mix = [p for h in hops for p in problems[h][:3]]  # every hop count, batch 1
+    times = {name: [] for name, _ in settings}
+    for _ in range(3):  # settings interleaved problem by problem: the machine's load hits them alike
+        for p in mix:
+            for name, loops in settings:
+                times[name].append(answer_step_ms(engine, p.prompt(), params, loops))
+    for row in out:
+        row["ms_per_answer_step_b1"] = statistics.median(times[row["setting"]])
     return out
 
 
-def answer_latency(engine: Engine, problems, params: SamplingParams, loops) -> float:
-    """Median ms for one problem's answer token alone (prompt included), batch 1."""
-    times = []
-    for p in problems:
+def answer_step_ms(engine: Engine, prompt: str, params: SamplingParams, loops) -> float:
+    """ms of the step that computes the answer token (the prompt's last token) of one problem, batch 1."""
+    (seq,) = engine.add_request([engine.encode(prompt)], params, loops=loops)
+    while not seq.output_ids:
         t0 = time.perf_counter()
-        engine.generate([engine.encode(p.prompt())], params, loops=loops)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        engine.step()
+    ms = 1e3 * (time.perf_counter() - t0)  # the step that gave the answer
+    while engine.has_work():
+        engine.step()
+    return ms
+
+
+def chains_targets(rows: list[dict]) -> dict:
+    """Issue 13's "auto" target on the chains model: the best threshold within 2 points of the deepest fixed
+    depth's accuracy (mean over hop counts) at <= 60% of its answer-step ms, and more accurate than the
+    fixed depth with the nearest mean cost."""
+    fixed = [r for r in rows if r["setting"].startswith("loops=")]
+    deepest = fixed[-1]
+    out = {}
+    for r in rows:
+        if not r["setting"].startswith("auto"):
+            continue
+        same_cost = min(fixed, key=lambda f: abs(f["mean_loops"] - r["mean_loops"]))
+        out[r["setting"]] = {
+            "accuracy_gap_points": round(100 * (deepest["mean_accuracy"] - r["mean_accuracy"]), 2),
+            "ms_ratio": round(r["ms_per_answer_step_b1"] / deepest["ms_per_answer_step_b1"], 3),
+            "same_cost_fixed": same_cost["setting"],
+            "beats_same_cost": r["mean_accuracy"] > same_cost["mean_accuracy"],
+        }
+        out[r["setting"]]["met"] = out[r["setting"]]["accuracy_gap_points"] <= 2 and out[r["setting"]]["ms_ratio"] <= 0.6 \
+            and out[r["setting"]]["beats_same_cost"]
+    return out
 
 
 def print_text(rows: list[dict]) -> None:
@@ -189,11 +225,11 @@ def print_text(rows: list[dict]) -> None:
 
 
 def print_chains(rows: list[dict], hops: list[int]) -> None:
-    print("| setting | " + " | ".join(f"{h} hops" for h in hops) + " | mean loops | ms/answer (b1) |")
-    print("|---|" + "---:|" * (len(hops) + 2))
+    print("| setting | " + " | ".join(f"{h} hops" for h in hops) + " | mean | mean loops | ms/answer step (b1) |")
+    print("|---|" + "---:|" * (len(hops) + 3))
     for r in rows:
-        accs = " | ".join(f"{100 * r['accuracy'][h]:.0f}%" for h in hops)
-        print(f"| {r['setting']} | {accs} | {r['mean_loops']:.2f} | {r['ms_per_answer_b1']:.1f} |")
+        accs = " | ".join(f"{100 * (r['accuracy'].get(h) if h in r['accuracy'] else r['accuracy'][str(h)]):.0f}%" for h in hops)
+        print(f"| {r['setting']} | {accs} | {100 * r['mean_accuracy']:.1f}% | {r['mean_loops']:.2f} | {r['ms_per_answer_step_b1']:.2f} |")
 
 
 def main(argv=None) -> int:
@@ -201,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default="../shared/data/tinyshakespeare.txt", help="held-out text for the default model")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="model for the text part")
     ap.add_argument("--chains", default="model/chains", help="chains model directory (skipped when missing)")
+    ap.add_argument("--max-offset", type=int, default=9, choices=range(10), metavar="D",
+                    help="chains problems' largest D (default 9; 0: copy chains, what model/chains is trained on)")
     ap.add_argument("--quick", action="store_true", help="fewer windows and problems")
     ap.add_argument("--out", default="docs/adaptive.json")
     args = ap.parse_args(argv)
@@ -217,8 +255,11 @@ def main(argv=None) -> int:
         print(f"no text at {text}: text part skipped", file=sys.stderr)
     if (Path(args.chains) / "config.json").is_file():
         hops = list(range(1, 9))
-        result["chains"] = chains_part(Path(args.chains), 20 if args.quick else 100, hops)
+        result["chains"] = chains_part(Path(args.chains), 20 if args.quick else 100, hops, args.max_offset)
+        result["chains_max_offset"] = args.max_offset
+        result["chains_targets"] = chains_targets(result["chains"])
         print_chains(result["chains"], hops)
+        print(json.dumps(result["chains_targets"], indent=1))
     else:
         print(f"no chains model at {args.chains}: chains part skipped (make train-chains)", file=sys.stderr)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

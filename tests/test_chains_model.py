@@ -165,3 +165,31 @@ def test_evaluate_chains_in_process_cli_and_errors(random_chains_model, capsys):
     assert "--loops 5 is outside [1, 4]" in capsys.readouterr().err
     assert evaluate_chains.main(["--url", "http://127.0.0.1:9", "--hops", "1", "--n", "1"]) == 2
     assert "cannot" in capsys.readouterr().err
+
+
+def test_max_offset_keeps_every_row_and_stage_to_copy_chains(tmp_path):
+    """data.max_offset = 0: every row (the level's and the shorter ones) is a copy chain, and a learned
+    level moves on to the next hop count instead of to larger offsets."""
+    from types import SimpleNamespace
+
+    from training.sources import ChainsSource
+
+    tc = SimpleNamespace(seed=0, batch_size=16)
+    src = ChainsSource({"task": "chains", "max_offset": 0, "offset_stages": [0], "start_hops": 2, "ema": 0.0}, tc, tmp_path)
+    x, _, _ = src.batch(0, 0, 16)
+    text = "".join(chains.TOKENS[t - len(chains.SPECIAL)] for t in x.flatten().tolist() if t >= len(chains.SPECIAL))
+    ops = [text[i + 1] for i, c in enumerate(text[:-1]) if c in "+-"]
+    assert ops and set(ops) == {"0"}
+    src.observe(torch.tensor([16.0, 16.0]))  # level 2 learned
+    assert (src.level, src.max_offset) == (3, 0)
+    with pytest.raises(Exception, match="data.max_offset must be a digit"):
+        ChainsSource({"task": "chains", "max_offset": 10}, tc, tmp_path)
+
+
+def test_evaluate_chains_max_offset_scores_copy_chains(random_chains_model, capsys):
+    path, _ = random_chains_model
+    assert evaluate_chains.main(["--model", str(path), "--loops", "1", "--hops", "2", "--n", "3", "--max-offset", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_offset"] == 0 and set(out["accuracy"]) == {"2"}
+    problems = chains.eval_problems("test", 0, 2, 3, max_offset=0)
+    assert all(a[4] == "0" for p in problems for a in p.assignments if len(a) == 5)

@@ -32,16 +32,19 @@ MAX_BYTES = 10 * 1000 * 1000
 EVAL_PROBLEMS = 200  # per hop count
 
 
-def model_card(*, command: str, config: dict, summary: dict, table: dict, eval_command: str, n_params: int, size: int) -> str:
+def model_card(*, command: str, config: dict, summary: dict, tables: tuple, eval_command: str, n_params: int, size: int) -> str:
+    """tables: (accuracy on the task's problems, accuracy on the problems it trained on or None, their max D)."""
+    table, trained, top = tables
     tc = summary["config"]["train"]
     data = summary["config"]["data"]
     loops = list(next(iter(table.values())))
     wall = summary.get("wall_time_s", summary["train_time_s"])
     return f"""# MeSH chains model: multi-hop variable chains, more loops for more hops
 
-A tiny MeSH recursive transformer (arXiv 2510.07739) that answers variable-chain problems
-(training/tasks/chains.py), e.g. `c=a+4;a=3;b=c-1;?b=` -> `6`. A k-hop answer needs k sequential
+A tiny MeSH recursive transformer (arXiv 2510.07739) for variable-chain problems
+(training/tasks/chains.py), e.g. {"`c=a+0;a=3;b=c-0;?b=` -> `3`" if top == 0 else "`c=a+4;a=3;b=c-1;?b=` -> `6`"}. A k-hop answer needs k sequential
 lookups, and each loop adds {config['n_core']} core layer applications, so deeper requests can follow longer chains.
+{"It is trained on copy chains (every D = 0) only and answers the task's problems with D > 0 at chance from 2 hops on" if top == 0 else ""}{"." if top == 0 else ""}
 Serve it with `python -m server --model model/chains` and ask with `"loops": 1..{config['max_loops']}`, `"max_tokens": 1`.
 
 - Architecture: GPT-NeoX blocks, {config['n_prelude']} prelude + {config['n_core']} core (looped 1..{config['max_loops']} times) + {config['n_coda']} coda,
@@ -59,8 +62,8 @@ Serve it with `python -m server --model model/chains` and ask with `"loops": 1..
   on a 2-core CPU shared with other jobs, 1 torch thread.
 
 ## Accuracy by hop count x loops
-
-`{eval_command}` ({EVAL_PROBLEMS} held-out test problems per hop count; chance is about 10%):
+{trained_section(trained, top, eval_command)}
+`{eval_command}` ({EVAL_PROBLEMS} held-out test problems per hop count with any D, the task's problems; chance is about 10%):
 
 {format_table(table)}
 
@@ -80,6 +83,18 @@ with training/configs/chains.toml:
 ```
 
 Rerunning it resumes from its work directory. Loops = {max(loops)} is the default depth.
+"""
+
+
+def trained_section(trained: dict | None, top: int, eval_command: str) -> str:
+    if trained is None:
+        return ""
+    what = "copy chains (every D = 0)" if top == 0 else f"problems with D <= {top}"
+    return f"""
+Trained on {what} only (data.max_offset = {top}): `{eval_command} --max-offset {top}` ({EVAL_PROBLEMS} held-out
+test problems per hop count):
+
+{format_table(trained)}
 """
 
 
@@ -111,7 +126,10 @@ def main(argv=None) -> int:
         model, _ = load_model(ckpt, torch.device("cpu"))
         c = model.config
         hops, loops = list(range(1, int(summary["config"]["data"].get("max_hops", 8)) + 1)), list(range(1, c.max_loops + 1))
-        table = accuracy_table(lambda ps, ks: model_answers(model, ps, ks), hops, loops, EVAL_PROBLEMS)
+        answer = lambda ps, ks: model_answers(model, ps, ks)  # noqa: E731
+        table = accuracy_table(answer, hops, loops, EVAL_PROBLEMS)
+        top = int(summary["config"]["data"].get("max_offset", 9))
+        trained = accuracy_table(answer, hops, loops, EVAL_PROBLEMS, max_offset=top) if top < 9 else None
 
         tmp = export(ckpt, out, c.max_loops)
         gen = {"do_sample": False, "max_new_tokens": 1, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
@@ -120,13 +138,20 @@ def main(argv=None) -> int:
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         command = "make train-chains  # = " + shlex.join(["python", "-m", "training.chains_model", *(argv if argv is not None else sys.argv[1:])])
         eval_command = f"python -m training.evaluate_chains --model {out} --loops 1-{c.max_loops} --hops 1-{max(hops)} --n {EVAL_PROBLEMS}"
-        card = model_card(command=command, config=config, summary=summary, table=table, eval_command=eval_command, n_params=model.num_parameters(), size=size)
+        card = model_card(command=command, config=config, summary=summary, tables=(table, trained, top), eval_command=eval_command,
+                          n_params=model.num_parameters(), size=size)
         (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
-        result = {"split": "test", "n": EVAL_PROBLEMS, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
+        as_json = lambda t: {str(h): {str(k): a for k, a in r.items()} for h, r in t.items()}  # noqa: E731
+        result = {"split": "test", "n": EVAL_PROBLEMS, "accuracy": as_json(table)}
+        if trained is not None:
+            result.update(max_offset=top, accuracy_trained_problems=as_json(trained))
         (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         replace_dir_atomic(tmp, out)
         print(format_table(table))
+        if trained is not None:
+            print(f"problems with D <= {top} (what it was trained on):")
+            print(format_table(trained))
         print(f"exported {out} ({size / 1e6:.2f} MB, default_loops {c.max_loops})")
         if size > MAX_BYTES:
             print(f"warning: {out} is {size / 1e6:.1f} MB, over the 10 MB budget", file=sys.stderr)

@@ -86,12 +86,12 @@ def http_answers(base: str, prompts: list[str], loops_list, workers: int = 8, ti
         return {k: list(pool.map(lambda p: answer(p, k), prompts)) for k in loops_list}
 
 
-def accuracy_table(answer_fn, hops_list, loops_list, n: int, split: str = "test", seed: int = 0) -> dict:
-    """{hops: {loops: accuracy}} over n problems per hop count; ``answer_fn(prompts, loops_list)``
-    is `model_answers` or `http_answers` with its first argument bound."""
+def accuracy_table(answer_fn, hops_list, loops_list, n: int, split: str = "test", seed: int = 0, max_offset: int = 9) -> dict:
+    """{hops: {loops: accuracy}} over n problems per hop count (``max_offset`` 0: copy chains);
+    ``answer_fn(prompts, loops_list)`` is `model_answers` or `http_answers` with its first argument bound."""
     table = {}
     for hops in hops_list:
-        problems = chains.eval_problems(split, seed, hops, n)
+        problems = chains.eval_problems(split, seed, hops, n, max_offset)
         got = answer_fn([p.prompt() for p in problems], loops_list)
         table[hops] = {k: sum(a == str(p.values[p.target]) for a, p in zip(got[k], problems)) / n for k in loops_list}
     return table
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="problems per hop count (default 200)")
     p.add_argument("--split", default="test", choices=sorted(chains.SPLIT_SEEDS), help="problem set (default test; training evaluates on val)")
     p.add_argument("--seed", type=int, default=0, help="problem seed within the split (default 0)")
+    p.add_argument("--max-offset", type=int, default=9, choices=range(10), metavar="D",
+                   help="largest D of x=y+D / x=y-D in the problems (default 9: the task; 0: copy chains)")
     p.add_argument("--device", default="auto", help="in process: auto | cpu | cuda")
     p.add_argument("--workers", type=int, default=8, help="over HTTP: concurrent requests (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -165,14 +167,15 @@ def main(argv=None) -> int:
             loops = parse_int_list(args.loops, "--loops", 1, model.config.max_loops)
             answer_fn = functools.partial(model_answers, model)
             source = str(directory)
-        table = accuracy_table(answer_fn, hops, loops, args.n, args.split, args.seed)
+        table = accuracy_table(answer_fn, hops, loops, args.n, args.split, args.seed, args.max_offset)
         if args.plot:
             plot_heatmap(table, args.plot, f"{source}: accuracy on {args.n} {args.split} problems per hop count")
         if args.json:
-            out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
+            out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "max_offset": args.max_offset, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
             print(json.dumps(out, indent=2))
         else:
-            print(f"{source}: {args.n} {args.split} problems per hop count, accuracy of the first answer character")
+            what = "copy-chain problems (D = 0)" if args.max_offset == 0 else f"problems (D <= {args.max_offset})" if args.max_offset < 9 else "problems"
+            print(f"{source}: {args.n} {args.split} {what} per hop count, accuracy of the first answer character")
             print(format_table(table))
 
     return run_cli("evaluate_chains", body)

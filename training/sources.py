@@ -67,7 +67,7 @@ class WindowSource:
 
 CHAINS_KEYS = {
     "task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0,
-    "assignment_labels": False, "offset_stages": [9], "uncapped_every": 0,
+    "assignment_labels": False, "offset_stages": [9], "uncapped_every": 0, "max_offset": 9,
 }
 
 
@@ -86,7 +86,8 @@ class ChainsSource:
     data.offset_stages (e.g. [0, 9]) splits each level from 2 on into stages: its level-hop rows
     first have D <= 0 in every ``x=y+D`` (copy chains: following the chain is all there is to
     learn), then, once those are learned, D up to the next entry (the arithmetic on top of the
-    routing). Rows with fewer hops always have any D. With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
+    routing). Rows with fewer hops always have any D. data.max_offset (default 9) caps D in every row and
+    stage (0: copy chains only, the problem set on which the routing alone is learned). With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
     depths the curriculum has not reached yet are trained too (to keep the answer, at least).
     """
 
@@ -102,6 +103,8 @@ class ChainsSource:
         stages = c["offset_stages"]
         if not isinstance(stages, list) or not stages or any(not isinstance(d, int) or not 0 <= d <= 9 for d in stages) or stages != sorted(stages):
             raise UsageError(f"data.offset_stages must be a non-empty increasing list of digits 0..9, got {stages!r}")
+        if isinstance(c["max_offset"], bool) or not isinstance(c["max_offset"], int) or not 0 <= c["max_offset"] <= 9:
+            raise UsageError(f"data.max_offset must be a digit 0..9, got {c['max_offset']!r}")
         if c["queries"] < 1 or not 0 < c["advance_at"] <= 1 or not 0 <= c["ema"] < 1:
             raise UsageError("data.queries must be >= 1, data.advance_at in (0, 1], data.ema in [0, 1)")
         self.c, self.tc = c, tc
@@ -114,7 +117,8 @@ class ChainsSource:
             write_json_atomic(self.tokenizer_dir / "meta.json", self.meta)
 
     def _first_offset(self, level: int) -> int:
-        return self.c["offset_stages"][0] if level >= 2 else 9
+        top = self.c["max_offset"]
+        return min(self.c["offset_stages"][0], top) if level >= 2 else top
 
     def _hops(self, rng) -> int:
         if self.level == 1 or rng.random() < 0.5:
@@ -126,7 +130,7 @@ class ChainsSource:
         for i in range(lo, hi):
             rng = chains.rng_for("train", self.tc.seed, step * self.tc.batch_size + i)
             hops = self._hops(rng)
-            cap = self.max_offset if hops == self.level else 9
+            cap = self.max_offset if hops == self.level else self.c["max_offset"]
             rows.append(chains.training_row(rng, hops, self.c["queries"], self.c["replace"], self.c["assignment_labels"], cap))
         T = max(len(ids) for ids, _, _ in rows)
         x = torch.full((len(rows), T), chains.PAD_ID)
@@ -158,8 +162,9 @@ class ChainsSource:
         self.acc = self.c["ema"] * self.acc + (1 - self.c["ema"]) * correct / n
         if self.acc < self.c["advance_at"]:
             return
-        if self.max_offset < 9:  # the chains of this stage are learned: now larger offsets
-            self.max_offset, self.acc = min([d for d in self.c["offset_stages"] if d > self.max_offset] or [9]), 0.0
+        top = self.c["max_offset"]
+        if self.max_offset < top:  # the chains of this stage are learned: now larger offsets
+            self.max_offset, self.acc = min([d for d in self.c["offset_stages"] if self.max_offset < d <= top] or [top]), 0.0
         elif self.level < self.c["max_hops"]:
             self.level, self.acc = self.level + 1, 0.0
             self.max_offset = self._first_offset(self.level)

@@ -594,7 +594,8 @@ def run_eval(run: Run, bar) -> None:
         from .evaluate_chains import accuracy_table, model_answers
 
         hops = list(range(1, run.source.c["max_hops"] + 1))
-        table = accuracy_table(functools.partial(model_answers, run.raw), hops, loops, tc.eval_windows, "val", tc.seed)
+        table = accuracy_table(functools.partial(model_answers, run.raw), hops, loops, tc.eval_windows, "val", tc.seed,
+                               run.source.c["max_offset"])  # the problems it trains on (copy chains with max_offset 0)
         run.last_eval = {str(h): {str(k): a for k, a in row.items()} for h, row in table.items()}
         rec = {"accuracy": run.last_eval}
         line = "val accuracy at K=max: " + " ".join(f"{h}h {row[max(loops)]:.2f}" for h, row in table.items())

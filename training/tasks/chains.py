@@ -104,9 +104,10 @@ def training_queries(rng: np.random.Generator, problem: Problem, n: int, replace
     return sorted(picked, key=lambda v: (-problem.hops[v], tie[v]))
 
 
-def eval_problems(split: str, seed: int, hops: int, n: int) -> list[Problem]:
-    """n held-out problems of exactly ``hops`` hops (the same ones for the same arguments)."""
-    return [make_problem(rng_for(split, seed * 1000 + hops, i), hops) for i in range(n)]
+def eval_problems(split: str, seed: int, hops: int, n: int, max_offset: int = 9) -> list[Problem]:
+    """n held-out problems of exactly ``hops`` hops (the same ones for the same arguments; ``max_offset``
+    0 gives copy chains)."""
+    return [make_problem(rng_for(split, seed * 1000 + hops, i), hops, max_offset=max_offset) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
