@@ -136,7 +136,8 @@ def main(argv=None) -> int:
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         size = sum(f.stat().st_size for f in tmp.iterdir())
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        command = "make train-chains  # = " + shlex.join(["python", "-m", "training.chains_model", *(argv if argv is not None else sys.argv[1:])])
+        given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--eval-only"]  # the command that trains it
+        command = "make train-chains  # = " + shlex.join(["python", "-m", "training.chains_model", *given])
         eval_command = f"python -m training.evaluate_chains --model {out} --loops 1-{c.max_loops} --hops 1-{max(hops)} --n {EVAL_PROBLEMS}"
         card = model_card(command=command, config=config, summary=summary, tables=(table, trained, top), eval_command=eval_command,
                           n_params=model.num_parameters(), size=size)
