@@ -168,13 +168,13 @@ def main(argv=None) -> int:
             answer_fn = functools.partial(model_answers, model)
             source = str(directory)
         table = accuracy_table(answer_fn, hops, loops, args.n, args.split, args.seed, args.max_offset)
+        what = "copy-chain problems (D = 0)" if args.max_offset == 0 else f"problems (D <= {args.max_offset})" if args.max_offset < 9 else "problems"
         if args.plot:
-            plot_heatmap(table, args.plot, f"{source}: accuracy on {args.n} {args.split} problems per hop count")
+            plot_heatmap(table, args.plot, f"{source}: accuracy on {args.n} {args.split} {what} per hop count")
         if args.json:
             out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "max_offset": args.max_offset, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
             print(json.dumps(out, indent=2))
         else:
-            what = "copy-chain problems (D = 0)" if args.max_offset == 0 else f"problems (D <= {args.max_offset})" if args.max_offset < 9 else "problems"
             print(f"{source}: {args.n} {args.split} {what} per hop count, accuracy of the first answer character")
             print(format_table(table))
 
