@@ -86,7 +86,7 @@ class ChainsSource:
     data.offset_stages (e.g. [0, 9]) splits each level from 2 on into stages: its level-hop rows
     first have D <= 0 in every ``x=y+D`` (copy chains: following the chain is all there is to
     learn), then, once those are learned, D up to the next entry (the arithmetic on top of the
-    routing). Rows with fewer hops always have any D. data.max_offset (default 9) caps D in every row and
+    routing). Rows with fewer hops have any D up to data.max_offset, which (default 9) caps D in every row and
     stage (0: copy chains only, the problem set on which the routing alone is learned). With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
     depths the curriculum has not reached yet are trained too (to keep the answer, at least).
     """
