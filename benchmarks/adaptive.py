@@ -195,24 +195,19 @@ def answer_step_ms(engine: Engine, prompt: str, params: SamplingParams, loops) -
 
 
 def chains_targets(rows: list[dict]) -> dict:
-    """Issue 13's "auto" target on the chains model: the best threshold within 2 points of the deepest fixed
+    """Issue 13's "auto" target on the chains model, per threshold: within 2 points of the deepest fixed
     depth's accuracy (mean over hop counts) at <= 60% of its answer-step ms, and more accurate than the
     fixed depth with the nearest mean cost."""
     fixed = [r for r in rows if r["setting"].startswith("loops=")]
     deepest = fixed[-1]
     out = {}
-    for r in rows:
-        if not r["setting"].startswith("auto"):
-            continue
+    for r in (r for r in rows if r["setting"].startswith("auto")):
         same_cost = min(fixed, key=lambda f: abs(f["mean_loops"] - r["mean_loops"]))
-        out[r["setting"]] = {
-            "accuracy_gap_points": round(100 * (deepest["mean_accuracy"] - r["mean_accuracy"]), 2),
-            "ms_ratio": round(r["ms_per_answer_step_b1"] / deepest["ms_per_answer_step_b1"], 3),
-            "same_cost_fixed": same_cost["setting"],
-            "beats_same_cost": r["mean_accuracy"] > same_cost["mean_accuracy"],
-        }
-        out[r["setting"]]["met"] = out[r["setting"]]["accuracy_gap_points"] <= 2 and out[r["setting"]]["ms_ratio"] <= 0.6 \
-            and out[r["setting"]]["beats_same_cost"]
+        gap = round(100 * (deepest["mean_accuracy"] - r["mean_accuracy"]), 2)
+        ratio = round(r["ms_per_answer_step_b1"] / deepest["ms_per_answer_step_b1"], 3)
+        beats = r["mean_accuracy"] > same_cost["mean_accuracy"]
+        out[r["setting"]] = {"accuracy_gap_points": gap, "ms_ratio": ratio, "same_cost_fixed": same_cost["setting"],
+                             "beats_same_cost": beats, "met": gap <= 2 and ratio <= 0.6 and beats}
     return out
 
 
@@ -228,7 +223,7 @@ def print_chains(rows: list[dict], hops: list[int]) -> None:
     print("| setting | " + " | ".join(f"{h} hops" for h in hops) + " | mean | mean loops | ms/answer step (b1) |")
     print("|---|" + "---:|" * (len(hops) + 3))
     for r in rows:
-        accs = " | ".join(f"{100 * (r['accuracy'].get(h) if h in r['accuracy'] else r['accuracy'][str(h)]):.0f}%" for h in hops)
+        accs = " | ".join(f"{100 * r['accuracy'][h]:.0f}%" for h in hops)
         print(f"| {r['setting']} | {accs} | {100 * r['mean_accuracy']:.1f}% | {r['mean_loops']:.2f} | {r['ms_per_answer_step_b1']:.2f} |")
 
 

@@ -172,6 +172,7 @@ def test_max_offset_keeps_every_row_and_stage_to_copy_chains(tmp_path):
     level moves on to the next hop count instead of to larger offsets."""
     from types import SimpleNamespace
 
+    from training.common import UsageError
     from training.sources import ChainsSource
 
     tc = SimpleNamespace(seed=0, batch_size=16)
@@ -182,7 +183,7 @@ def test_max_offset_keeps_every_row_and_stage_to_copy_chains(tmp_path):
     assert ops and set(ops) == {"0"}
     src.observe(torch.tensor([16.0, 16.0]))  # level 2 learned
     assert (src.level, src.max_offset) == (3, 0)
-    with pytest.raises(Exception, match="data.max_offset must be a digit"):
+    with pytest.raises(UsageError, match="data.max_offset must be a digit"):
         ChainsSource({"task": "chains", "max_offset": 10}, tc, tmp_path)
 
 

@@ -12,6 +12,7 @@ depth that follows the most hops.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -24,7 +25,7 @@ from .common import UsageError, fsync_tree, replace_dir_atomic, run_cli
 from .config import load_config
 from .default_model import config_block, export
 from .evaluate import load_model
-from .evaluate_chains import accuracy_table, format_table, model_answers
+from .evaluate_chains import accuracy_table, format_table, model_answers, problem_set, table_json
 from .train import train
 
 CHAINS_CONFIG = Path(__file__).parent / "configs" / "chains.toml"
@@ -55,8 +56,9 @@ Serve it with `python -m server --model model/chains` and ask with `"loops": 1..
   {"and on the auxiliary assignment labels (each assignment token names the key it defines, its operator the key it reads)" if data.get('assignment_labels') else "only"}),
   a loss at every depth 1..K each step (train.depth_losses = {tc['depth_losses']!r}), K capped at {data.get('loops_per_hop')} x the curriculum's hop count
   {f"except every {data.get('uncapped_every')}th step (all {config['max_loops']} loops)" if data.get('uncapped_every') else ""};
-  the curriculum adds a hop count once first-answer accuracy at the deepest depth reaches {data.get('advance_at')}
-  {f"(from 2 hops on, in stages of chain offsets D <= {data.get('offset_stages')})" if data.get('offset_stages', [9]) != [9] else ""}; it ended at {summary.get('curriculum', '?')}.
+  the curriculum adds a hop count once first-answer accuracy at the deepest depth reaches {data.get('advance_at')}{
+  f" (from 2 hops on, in stages of chain offsets D <= {data.get('offset_stages')})" if data.get('offset_stages', [9]) != [9] and top == 9 else ""};
+  it ended at {summary.get('curriculum', '?')}.
   AdamW ({tc['beta1']}, {tc['beta2']}), wd {tc['weight_decay']}, lr {tc['lr']} (constant after {tc['warmup_steps']} warmup steps), seed {tc['seed']}.
 - Training time: {summary['train_time_s'] / 60:.1f} min of optimizer steps ({wall / 60:.1f} min wall clock with evals and checkpoints)
   on a 2-core CPU shared with other jobs, 1 torch thread.
@@ -89,9 +91,8 @@ Rerunning it resumes from its work directory. Loops = {max(loops)} is the defaul
 def trained_section(trained: dict | None, top: int, eval_command: str) -> str:
     if trained is None:
         return ""
-    what = "copy chains (every D = 0)" if top == 0 else f"problems with D <= {top}"
     return f"""
-Trained on {what} only (data.max_offset = {top}): `{eval_command} --max-offset {top}` ({EVAL_PROBLEMS} held-out
+Trained on {problem_set(top)} only (data.max_offset = {top}): `{eval_command} --max-offset {top}` ({EVAL_PROBLEMS} held-out
 test problems per hop count):
 
 {format_table(trained)}
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
         model, _ = load_model(ckpt, torch.device("cpu"))
         c = model.config
         hops, loops = list(range(1, int(summary["config"]["data"].get("max_hops", 8)) + 1)), list(range(1, c.max_loops + 1))
-        answer = lambda ps, ks: model_answers(model, ps, ks)  # noqa: E731
+        answer = functools.partial(model_answers, model)
         table = accuracy_table(answer, hops, loops, EVAL_PROBLEMS)
         top = int(summary["config"]["data"].get("max_offset", 9))
         trained = accuracy_table(answer, hops, loops, EVAL_PROBLEMS, max_offset=top) if top < 9 else None
@@ -142,16 +143,15 @@ def main(argv=None) -> int:
         card = model_card(command=command, config=config, summary=summary, tables=(table, trained, top), eval_command=eval_command,
                           n_params=model.num_parameters(), size=size)
         (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
-        as_json = lambda t: {str(h): {str(k): a for k, a in r.items()} for h, r in t.items()}  # noqa: E731
-        result = {"split": "test", "n": EVAL_PROBLEMS, "accuracy": as_json(table)}
+        result = {"split": "test", "n": EVAL_PROBLEMS, "accuracy": table_json(table)}
         if trained is not None:
-            result.update(max_offset=top, accuracy_trained_problems=as_json(trained))
+            result.update(max_offset=top, accuracy_trained_problems=table_json(trained))
         (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         replace_dir_atomic(tmp, out)
         print(format_table(table))
         if trained is not None:
-            print(f"problems with D <= {top} (what it was trained on):")
+            print(f"{problem_set(top)}, what it was trained on:")
             print(format_table(trained))
         print(f"exported {out} ({size / 1e6:.2f} MB, default_loops {c.max_loops})")
         if size > MAX_BYTES:

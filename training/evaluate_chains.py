@@ -97,6 +97,16 @@ def accuracy_table(answer_fn, hops_list, loops_list, n: int, split: str = "test"
     return table
 
 
+def table_json(table: dict) -> dict:
+    """{hops: {loops: accuracy}} with string keys, as JSON holds it."""
+    return {str(h): {str(k): a for k, a in row.items()} for h, row in table.items()}
+
+
+def problem_set(max_offset: int) -> str:
+    """How a table's problems are named: the task's, copy chains, or a cap on D."""
+    return "copy-chain problems (D = 0)" if max_offset == 0 else f"problems (D <= {max_offset})" if max_offset < 9 else "problems"
+
+
 def format_table(table: dict) -> str:
     loops = list(next(iter(table.values())))
     lines = ["| hops | " + " | ".join(f"loops={k}" for k in loops) + " |", "|---:|" + "---:|" * len(loops)]
@@ -168,11 +178,11 @@ def main(argv=None) -> int:
             answer_fn = functools.partial(model_answers, model)
             source = str(directory)
         table = accuracy_table(answer_fn, hops, loops, args.n, args.split, args.seed, args.max_offset)
-        what = "copy-chain problems (D = 0)" if args.max_offset == 0 else f"problems (D <= {args.max_offset})" if args.max_offset < 9 else "problems"
+        what = problem_set(args.max_offset)
         if args.plot:
             plot_heatmap(table, args.plot, f"{source}: accuracy on {args.n} {args.split} {what} per hop count")
         if args.json:
-            out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "max_offset": args.max_offset, "accuracy": {str(h): {str(k): a for k, a in r.items()} for h, r in table.items()}}
+            out = {"source": source, "split": args.split, "seed": args.seed, "n": args.n, "max_offset": args.max_offset, "accuracy": table_json(table)}
             print(json.dumps(out, indent=2))
         else:
             print(f"{source}: {args.n} {args.split} {what} per hop count, accuracy of the first answer character")

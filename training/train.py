@@ -591,12 +591,12 @@ def run_eval(run: Run, bar) -> None:
         rec = {"eval": {str(k): v for k, v in run.last_eval.items()}, "nats_per_char": run.source.nats_per_char(run.last_eval)}
         line = "val loss " + "  ".join(f"K={k} {v:.4f}" for k, v in run.last_eval.items())
     else:
-        from .evaluate_chains import accuracy_table, model_answers
+        from .evaluate_chains import accuracy_table, model_answers, table_json
 
         hops = list(range(1, run.source.c["max_hops"] + 1))
         table = accuracy_table(functools.partial(model_answers, run.raw), hops, loops, tc.eval_windows, "val", tc.seed,
                                run.source.c["max_offset"])  # the problems it trains on (copy chains with max_offset 0)
-        run.last_eval = {str(h): {str(k): a for k, a in row.items()} for h, row in table.items()}
+        run.last_eval = table_json(table)
         rec = {"accuracy": run.last_eval}
         line = "val accuracy at K=max: " + " ".join(f"{h}h {row[max(loops)]:.2f}" for h, row in table.items())
     if run.dd.main:
