@@ -6,7 +6,7 @@ token, and time per token, through the engine's own decode path.
 - Text (the default model): held-out text is fed token by token as decode steps (teacher forcing
   through `ModelRunner.decode`, so every token takes the engine's exit decision and the K/V filling
   of skipped iterations); nats per character of the true next tokens, mean core iterations per token,
-  at fixed depths 1..max and at several exit thresholds.
+  at fixed depths 1..max and for each exit criterion (change of h, confidence, KL) at several thresholds.
 - Chains (a model trained by `make train-chains`, if present): accuracy by hop count on held-out
   problems, one greedy answer token per problem through `Engine.generate` (with "auto" the answer
   token decides its own depth), with mean iterations and ms per answer at batch 1.
@@ -18,6 +18,7 @@ torch thread, medians.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -31,7 +32,15 @@ from server import Engine, EngineConfig, SamplingParams
 from server.engine import AutoDepth
 from server.engine.sequence import Sequence
 
-THRESHOLDS = (0.02, 0.05, 0.1, 0.2)
+THRESHOLDS = (0.02, 0.05, 0.1, 0.2)  # relative change of h
+KL_THRESHOLDS = (1e-4, 5e-4, 2e-3, 1e-2)
+CONFIDENCES = (0.7, 0.9, 0.95, 0.99)  # largest next-token probability
+
+
+def auto_settings() -> list[tuple[str, AutoDepth]]:
+    """(name, loops) of every "auto" setting the benchmark runs: each criterion at each of its thresholds."""
+    pairs = [("change", t) for t in THRESHOLDS] + [("confidence", p) for p in CONFIDENCES] + [("kl", k) for k in KL_THRESHOLDS]
+    return [(f"auto {c} {t:g}", AutoDepth(min_loops=1, exit_criterion=c, exit_threshold=t)) for c, t in pairs]
 
 
 def forced_decode(engine: Engine, windows: list[list[int]], loops) -> dict:
@@ -40,7 +49,7 @@ def forced_decode(engine: Engine, windows: list[list[int]], loops) -> dict:
     auto = loops if isinstance(loops, AutoDepth) else None
     depth = engine.check_depth(loops)
     if auto is not None and auto.max_loops is None:
-        auto = AutoDepth(auto.min_loops, depth, auto.exit_threshold)
+        auto = dataclasses.replace(auto, max_loops=depth)
     rows = [Sequence(ids, SamplingParams(max_tokens=1), depth, auto=auto) for ids in windows]  # one depth: any order
     nll, iters, count = 0.0, 0, 0
     with torch.inference_mode():
@@ -68,7 +77,7 @@ def text_part(model_dir: Path, text: str, windows: int, length: int) -> list[dic
     chunks = [ids[i * step : i * step + length] for i in range(windows)]
     chars_per_token = sum(len(engine.decode(c[1:])) for c in chunks) / sum(len(c) - 1 for c in chunks)
     settings = [(f"loops={k}", k) for k in range(1, engine.model.config.max_loops + 1)]
-    settings += [(f"auto t={t}", AutoDepth(min_loops=1, exit_threshold=t)) for t in THRESHOLDS]
+    settings += auto_settings()
     out = []
     for name, loops in settings:
         t0 = time.perf_counter()
@@ -119,7 +128,7 @@ def criteria_part(model_dir: Path, text: str, length: int = 256) -> list[dict]:
     kl = [None] + [(lps[t].exp() * (lps[t] - lps[t - 1])).sum(-1) for t in range(1, cfg.max_loops)]
     nll = torch.stack([-lp.gather(1, y[:, None])[:, 0] for lp in lps])  # (K, T)
     out = []
-    for crit, values, thresholds in (("relative change", rel, THRESHOLDS), ("KL", kl, (1e-4, 5e-4, 2e-3, 1e-2))):
+    for crit, values, thresholds in (("relative change", rel, THRESHOLDS), ("KL", kl, KL_THRESHOLDS)):
         for thr in thresholds:
             exit_ = torch.full((len(y),), cfg.max_loops)
             for t in range(cfg.max_loops - 1, 0 if crit == "KL" else -1, -1):  # the first t whose check passes
@@ -145,8 +154,8 @@ def print_criteria(rows: list[dict]) -> None:
 
 
 def chains_part(model_dir: Path, n: int, hops: list[int], max_offset: int = 9) -> list[dict]:
-    """Accuracy by hop count at each fixed depth and each exit threshold, the mean core iterations of the
-    answer token, and the median ms of the step that computes it (batch 1). Every setting runs as an
+    """Accuracy by hop count at each fixed depth and each exit criterion and threshold, the mean core
+    iterations of the answer token, and the mean ms of the step that computes it (batch 1). Every setting runs as an
     "auto" row (a fixed depth k is min_loops = max_loops = k): the prompt but its last token is prefilled at
     max_loops and the answer comes from a one-token step, so the answer steps compare like for like."""
     from training.tasks.chains import eval_problems
@@ -155,7 +164,7 @@ def chains_part(model_dir: Path, n: int, hops: list[int], max_offset: int = 9) -
     cfg = engine.model.config
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     settings = [(f"loops={k}", AutoDepth(min_loops=k, max_loops=k, exit_threshold=0.0)) for k in range(1, cfg.max_loops + 1)]
-    settings += [(f"auto t={t}", AutoDepth(min_loops=1, exit_threshold=t)) for t in THRESHOLDS]
+    settings += auto_settings()
     problems = {h: eval_problems("test", 0, h, n, max_offset) for h in hops}
     out = []
     for name, loops in settings:
@@ -172,13 +181,13 @@ def chains_part(model_dir: Path, n: int, hops: list[int], max_offset: int = 9) -
         row["mean_loops"] = row["iterations"] / row["answers"]
         out.append(row)
     mix = [p for h in hops for p in problems[h][:3]]  # every hop count, batch 1
-    times = {name: [] for name, _ in settings}
+    times = {name: [[] for _ in mix] for name, _ in settings}
     for _ in range(3):  # settings interleaved problem by problem: the machine's load hits them alike
-        for p in mix:
+        for i, p in enumerate(mix):
             for name, loops in settings:
-                times[name].append(answer_step_ms(engine, p.prompt(), params, loops))
-    for row in out:
-        row["ms_per_answer_step_b1"] = statistics.median(times[row["setting"]])
+                times[name][i].append(answer_step_ms(engine, p.prompt(), params, loops))
+    for row in out:  # per problem the median of the rounds (noise), then the mean (an auto row's cost varies by problem)
+        row["ms_per_answer_step_b1"] = statistics.mean(statistics.median(t) for t in times[row["setting"]])
     return out
 
 

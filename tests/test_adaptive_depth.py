@@ -1,5 +1,6 @@
-"""Adaptive per-token depth (`loops: "auto"`): each generated token stops its recursion once its hidden
-state has converged (relative change below exit_threshold), between min_loops and max_loops, inside a
+"""Adaptive per-token depth (`loops: "auto"`): each generated token stops its recursion once its state
+has converged (by exit_criterion: the relative change of h, the next-token distribution's confidence, or
+the KL between successive iterations), between min_loops and max_loops, inside a
 continuous batch with fixed-depth and drafting rows; the K/V of the iterations it skipped are filled
 from its last iteration; responses say "auto" and usage.loop_steps counts what ran.
 """
@@ -33,13 +34,20 @@ def test_auto_depth_bounds_in_a_mixed_batch(ckpt):
     fixed = [(k, s) for k in (4, 2, 1) for s in eng.add_request(ids, GREEDY, loops=k)]
     never = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=1, exit_threshold=0.0))
     always = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=2, max_loops=3, exit_threshold=1e9))
+    # the criteria that read the next-token distribution: a probability never reaches 2 and a KL is never
+    # below 0, so these run max_loops and their output is the last check's logits
+    never += eng.add_request(ids, GREEDY, loops=AutoDepth(exit_criterion="confidence", exit_threshold=2.0))
+    never += eng.add_request(ids, GREEDY, loops=AutoDepth(exit_criterion="kl", exit_threshold=0.0))
+    always += eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=2, max_loops=3, exit_criterion="confidence", exit_threshold=0.0))
+    always += eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=1, max_loops=3, exit_criterion="kl", exit_threshold=1e9))
     run_all(eng)
     for k, s in fixed:
         assert same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, k, GREEDY.max_tokens)), k
     for s in never:
         assert s.loops == 4 and same_greedy(s.output_ids, reference_greedy(eng.model, s.prompt_ids, 4, GREEDY.max_tokens))
         assert s.loop_steps == 4 * GREEDY.max_tokens
-    for s in always:  # every token stops at 2, the first too (the prompt's last token runs as a decode step)
+    for s in always:  # every token stops at 2, the first too (the prompt's last token runs as a decode step;
+        # "kl" compares two iterations, so with min_loops 1 it stops at 2 as well)
         assert s.loops == 3 and s.loop_steps == 2 * GREEDY.max_tokens
 
 
@@ -72,14 +80,17 @@ def test_auto_through_the_api(ckpt):
         assert chat.status_code == 200 and chat.json()["loops"] == "auto"
         for bad, param in [({"loops": 2, "min_loops": 1}, "min_loops"), ({"loops": "auto", "min_loops": 4, "max_loops": 2}, "min_loops"),
                            ({"loops": "auto", "max_loops": 9}, "max_loops"), ({"loops": "deep"}, "loops"),
-                           ({"loops": "auto", "exit_threshold": -1.0}, "exit_threshold")]:
+                           ({"loops": "auto", "exit_threshold": -1.0}, "exit_threshold"),
+                           ({"loops": "auto", "exit_criterion": "sideways"}, "exit_criterion"),
+                           ({"loops": 2, "exit_criterion": "kl"}, "exit_criterion")]:
             r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2, **bad})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
         metrics = client.get("/metrics").text
     assert 'mesh_generation_tokens_total{loops="auto"} 12.0' in metrics
 
 
-@pytest.mark.parametrize("auto", [AutoDepth(min_loops=0), AutoDepth(min_loops=3, max_loops=2), AutoDepth(exit_threshold=float("nan"))])
+@pytest.mark.parametrize("auto", [AutoDepth(min_loops=0), AutoDepth(min_loops=3, max_loops=2), AutoDepth(exit_threshold=float("nan")),
+                                  AutoDepth(exit_criterion="sideways")])
 def test_bad_auto_settings_are_request_errors(ckpt, auto):
     from server.engine import RequestError
 

@@ -1,6 +1,6 @@
 """Screen: official training_row + value labels at each assignment's last token when its value is
 computable from assignments written earlier (<= vlab lookups). 2-hop val accuracy by loops."""
-import argparse, json, time
+import argparse, json, time, zlib
 import numpy as np, torch, torch.nn.functional as F
 from model import MeshConfig, MeshForCausalLM
 from training.tasks import chains as C
@@ -14,7 +14,7 @@ p.add_argument("--steps", type=int, default=1200); p.add_argument("--hops", defa
 p.add_argument("--loops", type=int, default=2); p.add_argument("--vlab", type=int, default=0)
 p.add_argument("--maxd", type=int, default=9); p.add_argument("--eval_every", type=int, default=200)
 p.add_argument("--tag", default=""); p.add_argument("--seed", type=int, default=0)
-p.add_argument("--time_limit", type=float, default=900); p.add_argument("--inter", type=int, default=0); p.add_argument("--abspos", type=int, default=0); p.add_argument("--eff", type=int, default=0); p.add_argument("--mask", type=int, default=0); p.add_argument("--optok", type=int, default=0); p.add_argument("--scheme", default="mesh"); p.add_argument("--glu", type=int, default=0); p.add_argument("--fixoff", default=""); p.add_argument("--seqres", type=int, default=0); p.add_argument("--ans", default="")
+p.add_argument("--time_limit", type=float, default=900); p.add_argument("--inter", type=int, default=0); p.add_argument("--abspos", type=int, default=0); p.add_argument("--eff", type=int, default=0); p.add_argument("--mask", type=int, default=0); p.add_argument("--optok", type=int, default=0); p.add_argument("--scheme", default="mesh"); p.add_argument("--glu", type=int, default=0); p.add_argument("--fixoff", default=""); p.add_argument("--seqres", type=int, default=0); p.add_argument("--ans", default=""); p.add_argument("--wd", type=float, default=0.0); p.add_argument("--zlit", type=float, default=0.0); p.add_argument("--copyfrac", type=float, default=0.0)
 a = p.parse_args()
 torch.set_num_threads(1); torch.manual_seed(a.seed)
 if a.optok:  # '+D' / '-D' one token each
@@ -35,6 +35,8 @@ def fix_offsets(pr):
     new = {}
     for v, x in asg.items():
         new[v] = x if len(x) == 3 else x[:3] + choices[int(r.integers(len(choices)))]
+    return recompute(pr, new)
+def recompute(pr, new):
     vals = {}
     def val(v):
         if v not in vals:
@@ -43,9 +45,16 @@ def fix_offsets(pr):
         return vals[v]
     for v in new: val(v)
     return C.Problem([new[x[0]] for x in pr.assignments], vals, pr.hops, pr.target)
+def zero_literals(pr):  # every literal 0: the answer is the signed sum of the offsets (D alone predicts it)
+    return recompute(pr, {x[0]: (x[:2] + "0" if len(x) == 3 else x) for x in pr.assignments})
+def copy_offsets(pr):  # every offset 0: the answer is the literal
+    return recompute(pr, {x[0]: (x if len(x) == 3 else x[:4] + "0") for x in pr.assignments})
 def make_problem(rng, hops, distractors=(2, 4), max_offset=9):
     pr = orig_make(rng, hops, distractors, max_offset=min(max_offset, a.maxd))
     if a.fixoff: pr = fix_offsets(pr)
+    u = float(np.random.default_rng(zlib.crc32(pr.text.encode())).random())
+    if u < a.zlit: pr = zero_literals(pr)
+    elif u < a.zlit + a.copyfrac: pr = copy_offsets(pr)
     LAST["p"] = pr; return pr
 C.make_problem = make_problem
 QV = {}
@@ -121,11 +130,13 @@ if a.abspos:
         e = _embed(ids)
         return e + model.wpe(torch.arange(ids.shape[1]))[None]
     model.embed = embed
-opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.0)
+opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=a.wd)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
 C.make_problem = orig_make
 val = {h: C.eval_problems("val", 0, h, 200) for h in sorted(set(hops_list) | {3})}
 if a.fixoff: val = {h: [fix_offsets(pr) for pr in ps] for h, ps in val.items()}
+if a.zlit: val["2z"] = [zero_literals(pr) for pr in val[2]]
+if a.copyfrac: val["2c"] = [copy_offsets(pr) for pr in val[2]]
 C.make_problem = make_problem
 @torch.no_grad()
 def evaluate():
@@ -139,7 +150,7 @@ def evaluate():
         out = depth_logits(model, x, list(range(1, a.loops + 1))) if cfg.is_recursive else {1: model(input_ids=x, use_cache=False).logits}
         res[h] = {k: round((lg[torch.arange(len(ids)), last].argmax(-1) == gold).float().mean().item(), 3) for k, lg in out.items()}
         ooo = torch.tensor([need(pr)[pr.target] is None for pr in probs])
-        if h > 1 and ooo.any():
+        if isinstance(h, int) and h > 1 and ooo.any():
             res[f"{h}ooo"] = {k: round((lg[torch.arange(len(ids)), last].argmax(-1) == gold)[ooo].float().mean().item(), 3) for k, lg in out.items()}
     model.train(); return res
 t0 = time.time(); hist = []

@@ -84,10 +84,11 @@ class SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     loops: StrictInt | Literal["auto"] | None = Field(
         None, description='recursion depth of this request, 1..max_loops (default: the model\'s), or "auto": each '
-                          "token stops its recursion once its hidden state converges (min_loops, max_loops, exit_threshold)")
+                          "token stops its recursion once its state converges (min_loops, max_loops, exit_criterion, exit_threshold)")
     min_loops: StrictInt | None = None  # loops "auto" only: iterations every token runs (default 1)
     max_loops: StrictInt | None = None  # loops "auto" only: iterations no token exceeds (default the model's)
-    exit_threshold: StrictFloat | None = Field(None, ge=0.0)  # loops "auto" only: relative change of h to stop at
+    exit_criterion: Literal["change", "confidence", "kl"] | None = None  # loops "auto" only (default "change")
+    exit_threshold: StrictFloat | None = Field(None, ge=0.0)  # loops "auto" only: the criterion's threshold
     ignore_eos: StrictBool = False
     user: Text | None = None  # informational (OpenAI); not used
     presence_penalty: StrictFloat | None = None

@@ -186,7 +186,8 @@ class Serving:
     @staticmethod
     def _depth(req):
         """The engine's `loops`: an int, None (the model's default) or, for "auto", an AutoDepth."""
-        auto = {name: getattr(req, name) for name in ("min_loops", "max_loops", "exit_threshold") if getattr(req, name) is not None}
+        names = ("min_loops", "max_loops", "exit_criterion", "exit_threshold")
+        auto = {name: getattr(req, name) for name in names if getattr(req, name) is not None}
         if req.loops != "auto":
             if auto:
                 name = next(iter(auto))

@@ -41,7 +41,7 @@ from .metrics import Metrics
 from .model_runner import ModelRunner, RunOutput
 from .sampler import Sampler, SamplingParams, distribution, exponential_race, token_logprobs
 from .scheduler import Scheduler
-from .sequence import AutoDepth, Sequence, Status, StepOutput
+from .sequence import EXIT_CRITERIA, AutoDepth, Sequence, Status, StepOutput
 
 log = logging.getLogger("server.engine")
 
@@ -247,7 +247,9 @@ class Engine:
                     raise RequestError(f"{name} must be an integer in [1, {cfg.max_loops}] for this model, got {v!r}", name)
             if a.min_loops > a.max_loops:
                 raise RequestError(f"min_loops ({a.min_loops}) must not exceed max_loops ({a.max_loops})", "min_loops")
-            if not a.exit_threshold >= 0:
+            if a.exit_criterion not in EXIT_CRITERIA:
+                raise RequestError(f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {a.exit_criterion!r}", "exit_criterion")
+            if not a.threshold >= 0:
                 raise RequestError(f"exit_threshold must be >= 0, got {a.exit_threshold!r}", "exit_threshold")
             return a.max_loops
         loops = cfg.default_loops if loops is None else loops

@@ -139,50 +139,102 @@ class ModelRunner:
 
     def _decode_adaptive(self, seqs: list[Sequence], ids, positions, depths: list[int]) -> torch.Tensor:
         """A decode step with `loops: "auto"` rows: core iteration t runs on the rows still iterating (any
-        subset, not a prefix), and an auto row stops after iteration t >= min_loops once its hidden state
-        changed by less than exit_threshold (relative L2). The K/V of the iterations it skipped are filled
-        with those of its last iteration, so later, deeper tokens can attend to it."""
+        subset, not a prefix), and an auto row stops after iteration t >= min_loops once its criterion
+        (AutoDepth) says its state has converged. The K/V of the iterations it skipped are filled with those
+        of its last iteration, so later, deeper tokens can attend to it. Rows whose criterion reads the
+        next-token distribution keep the logits of their last check: the exit iteration's are their output."""
         m, n = self.model, len(seqs)
         ctx = m.layer_context(positions, cache=self.kv, loops=depths[0])
         state = m.start(m.embed(ids), ctx)
-        exits = list(depths)
-        active = list(range(n))
+        exits, active = list(depths), list(range(n))
+        checked: dict[int, torch.Tensor] = {}  # row -> logits (V,) after the last iteration it checked
         for t in range(max(depths)):
             active = [r for r in active if t < exits[r]]
             if not active:
                 break
-            if active[-1] == len(active) - 1:  # a prefix of the batch (always at batch 1): no gathers
-                k = len(active)
-                self.kv.row_index = None
-                sub = {name: v[:k] for name, v in state.items()}
-                new = m.recurrence.step(t, sub, m._run(m.core, sub["h"], ctx, "core", t))
-                state = {name: torch.cat((v, state[name][k:])) if k < n else v for name, v in new.items()}
-            else:
-                idx = torch.tensor(active, device=self.device)
-                sub = {name: v.index_select(0, idx) for name, v in state.items()}
-                new = m.recurrence.step(t, sub, self._core_rows(sub["h"], ctx, t, idx))
-                for name, v in new.items():
-                    state[name] = state[name].index_copy(0, idx, v)
-            change = ((new["h"] - sub["h"]).norm(dim=-1) / sub["h"].norm(dim=-1).clamp(min=1e-12)).view(-1).tolist()
-            for r, c in zip(active, change):
-                a = seqs[r].auto
-                if a is not None and t + 1 >= a.min_loops and c < a.exit_threshold:
-                    exits[r] = t + 1
+            state, before, after = self._iteration(state, active, ctx, t)
+            for r in self._converged(seqs, active, before, after, ctx, t, checked):
+                exits[r] = t + 1
         self.kv.row_index = None
         for i, (seq, e) in enumerate(zip(seqs, exits)):
             seq.last_exit = e
             if seq.spec_tokens:  # a draft row in the same batch keeps its state, as in decode()
                 seq.draft_states.append({name: v[i : i + 1].clone() for name, v in state.items()})
         self._fill_skipped(seqs, exits)
-        h = self._read_out(state, exits, ctx)
-        return m.compute_logits(m._run(m.coda, h, ctx, "coda")[:, -1])
+        rest = [r for r in range(n) if r not in checked]  # rows whose output is not a check's
+        if rest:
+            h = self._read_out(state, exits, ctx)
+            if len(rest) == n:
+                return m.compute_logits(m._run(m.coda, h, ctx, "coda")[:, -1])
+            idx = torch.tensor(rest, device=self.device)
+            checked.update(zip(rest, m.compute_logits(self._layers_rows("coda", h.index_select(0, idx), ctx, 0, idx)[:, -1])))
+            self.kv.row_index = None
+        return torch.stack([checked[r] for r in range(n)])
 
-    def _core_rows(self, h: torch.Tensor, ctx, t: int, idx: torch.Tensor) -> torch.Tensor:
-        """The core layers of iteration t on batch rows `idx` (the paged cache attends for those rows)."""
+    def _iteration(self, state: dict, active: list[int], ctx, t: int):
+        """Core iteration t on batch rows `active` -> (the whole batch's state, then the active rows'
+        state before and after the iteration)."""
+        m, n = self.model, state["h"].shape[0]
+        if active[-1] == len(active) - 1:  # a prefix of the batch (always at batch 1): no gathers
+            k = len(active)
+            self.kv.row_index = None
+            sub = {name: v[:k] for name, v in state.items()}
+            new = m.recurrence.step(t, sub, m._run(m.core, sub["h"], ctx, "core", t))
+            return {name: torch.cat((v, state[name][k:])) if k < n else v for name, v in new.items()}, sub, new
+        idx = torch.tensor(active, device=self.device)
+        sub = {name: v.index_select(0, idx) for name, v in state.items()}
+        new = m.recurrence.step(t, sub, self._layers_rows("core", sub["h"], ctx, t, idx))
+        return {name: state[name].index_copy(0, idx, v) for name, v in new.items()}, sub, new
+
+    def _converged(self, seqs: list[Sequence], active: list[int], before: dict, after: dict, ctx, t: int,
+                   checked: dict) -> list[int]:
+        """The auto rows of `active` that stop after iteration t. "change" rows compare h before and after;
+        "confidence" and "kl" rows run the coda and the head at depth t + 1 (from one iteration before
+        min_loops for "kl", which compares with the previous check) and leave the logits in `checked`."""
+        autos = [(i, r, seqs[r].auto) for i, r in enumerate(active) if seqs[r].auto is not None]
+        by_change = [(i, r, a) for i, r, a in autos if a.exit_criterion == "change" and t + 1 >= a.min_loops]
+        stop = []
+        if by_change:
+            change = ((after["h"] - before["h"]).norm(dim=-1) / before["h"].norm(dim=-1).clamp(min=1e-12)).view(-1).tolist()
+            stop = [r for i, r, a in by_change if change[i] < a.threshold]
+        probe = [(i, r, a) for i, r, a in autos if a.exit_criterion != "change" and t + 1 >= a.min_loops - (a.exit_criterion == "kl")]
+        if not probe:
+            return stop
+        logits = self._check_logits(after, [i for i, _, _ in probe], [r for _, r, _ in probe], ctx, t)  # (len(probe), V)
+        lp = logits.float().log_softmax(-1)
+        if any(a.exit_criterion == "kl" for _, _, a in probe):
+            prev = torch.stack([checked.get(r, logits[j]) for j, (_, r, _) in enumerate(probe)]).float().log_softmax(-1)
+            kl = (lp.exp() * (lp - prev)).sum(-1)  # KL(p_t || p_{t-1}); 0 where there is no previous check
+            is_kl = torch.tensor([a.exit_criterion == "kl" for _, _, a in probe], device=lp.device)
+            score = torch.where(is_kl, kl, lp.amax(-1).exp())
+        else:
+            score = lp.amax(-1).exp()  # the top probability
+        for j, ((_, r, a), v) in enumerate(zip(probe, score.tolist())):
+            done = v >= a.threshold if a.exit_criterion == "confidence" else (r in checked and v < a.threshold)
+            checked[r] = logits[j]
+            if done and t + 1 >= a.min_loops:
+                stop.append(r)
+        return stop
+
+    def _check_logits(self, after: dict, pos: list[int], rows: list[int], ctx, t: int) -> torch.Tensor:
+        """Depth-(t + 1) logits of batch rows `rows` (at `pos` in the active rows' state `after`): the
+        final read, the coda (its K/V written, so an exit here leaves the right coda K/V) and the head."""
+        m = self.model
+        if pos == rows == list(range(len(rows))):  # a prefix of the batch (always at batch 1): no gathers
+            self.kv.row_index = None
+            part = {name: v[: len(rows)] for name, v in after.items()}
+            return m.compute_logits(m._run(m.coda, m.recurrence.read_out(part, t + 1), ctx, "coda")[:, -1])
+        part = {name: v.index_select(0, torch.tensor(pos, device=self.device)) for name, v in after.items()}
+        h = self._layers_rows("coda", m.recurrence.read_out(part, t + 1), ctx, 0, torch.tensor(rows, device=self.device))
+        return m.compute_logits(h[:, -1])
+
+    def _layers_rows(self, stage: str, h: torch.Tensor, ctx, t: int, idx: torch.Tensor) -> torch.Tensor:
+        """The `stage` ("core" at iteration t, or "coda") layers on batch rows `idx`; the paged cache
+        attends for those rows."""
         self.kv.row_index = idx
         cos, sin = ctx.cos.index_select(0, idx), ctx.sin.index_select(0, idx)
-        for j, layer in enumerate(self.model.core):
-            kw = {"cache_position": 0, "stage": "core", "index": j, "iteration": t, "rows": len(idx)}
+        for j, layer in enumerate(self.model.core if stage == "core" else self.model.coda):
+            kw = {"cache_position": 0, "stage": stage, "index": j, "iteration": t, "rows": len(idx)}
             h = layer(h, cos, sin, None, self.kv, 0, kw)
         return h
 
