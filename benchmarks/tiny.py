@@ -28,14 +28,15 @@ DIMS = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, initial
 
 
 def build_checkpoint(path: str | Path, layout: str = "1+1R2+1", scheme: str = "mesh", max_loops: int = 4,
-                     max_position_embeddings: int = 256, seed: int = 0, vocab_size: int = 320) -> Path:
-    """Writes tokenizer + random model into `path` (created); returns the path."""
+                     max_position_embeddings: int = 256, seed: int = 0, vocab_size: int = 320, **config) -> Path:
+    """Writes tokenizer + random model into `path` (created); returns the path. `config`: other MeshConfig
+    fields (e.g. coda_read_routers=True)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer([line + "\n" for line in LINES * 20], vocab_size=vocab_size, show_progress=False)
     tok.save_pretrained(str(path))
     kw = dict(DIMS, vocab_size=len(tok), max_position_embeddings=max_position_embeddings,
-              eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+              eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **config)
     if scheme == "vanilla":
         cfg = MeshConfig.from_layout(layout, **kw)
     else:

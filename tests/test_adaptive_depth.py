@@ -34,8 +34,8 @@ def test_auto_depth_bounds_in_a_mixed_batch(ckpt):
     fixed = [(k, s) for k in (4, 2, 1) for s in eng.add_request(ids, GREEDY, loops=k)]
     never = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=1, exit_threshold=0.0))
     always = eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=2, max_loops=3, exit_threshold=1e9))
-    # the criteria that read the next-token distribution: a probability never reaches 2 and a KL is never
-    # below 0, so these run max_loops and their output is the last check's logits
+    # the criteria that read the next-token distribution: a probability never reaches 2 and a KL (clamped
+    # at 0 against rounding) is never below 0, so these run max_loops and their output is the last check's logits
     never += eng.add_request(ids, GREEDY, loops=AutoDepth(exit_criterion="confidence", exit_threshold=2.0))
     never += eng.add_request(ids, GREEDY, loops=AutoDepth(exit_criterion="kl", exit_threshold=0.0))
     always += eng.add_request(ids, GREEDY, loops=AutoDepth(min_loops=2, max_loops=3, exit_criterion="confidence", exit_threshold=0.0))
@@ -99,13 +99,22 @@ def test_bad_auto_settings_are_request_errors(ckpt, auto):
         eng.add_request([eng.encode(PROMPTS[0])], GREEDY, loops=auto)
 
 
-def test_forced_decoding_at_the_bounds_equals_fixed_depths(ckpt):
+@pytest.fixture(scope="module")
+def coda_router_ckpt(tmp_path_factory):
+    from benchmarks.tiny import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("coda") / "tiny", coda_read_routers=True)
+
+
+@pytest.mark.parametrize("model", ["ckpt", "coda_router_ckpt"])
+def test_forced_decoding_at_the_bounds_equals_fixed_depths(model, request):
     """benchmarks.adaptive feeds text token by token through the engine's decode path. At threshold 0 no
     token stops early: the NLL is depth 4's. When every token stops at min_loops = 2 (the skipped
-    iterations filled from iteration 2's K/V, which no token reads), the NLL is depth 2's."""
+    iterations filled from iteration 2's K/V, which no token reads), the NLL is depth 2's, for every
+    criterion, and with per-depth coda read routers too (an exit at 2 reads with depth 2's router)."""
     from benchmarks.adaptive import forced_decode
 
-    eng = Engine(EngineConfig(model=ckpt), metrics=False)
+    eng = Engine(EngineConfig(model=request.getfixturevalue(model)), metrics=False)
     windows = [eng.encode("To be, or not to be, that is the question: whether 'tis nobler")[:20],
                eng.encode("First Citizen: Before we proceed any further, hear me speak.")[:20]]
     nll = {k: forced_decode(eng, windows, k)["nll"] for k in (2, 4)}
@@ -113,4 +122,9 @@ def test_forced_decoding_at_the_bounds_equals_fixed_depths(ckpt):
     always = forced_decode(eng, windows, AutoDepth(min_loops=2, exit_threshold=1e9))
     assert never["iterations"] == 4 * never["tokens"] and never["nll"] == pytest.approx(nll[4], rel=1e-5)
     assert always["iterations"] == 2 * always["tokens"] and always["nll"] == pytest.approx(nll[2], rel=1e-5)
+    # the criteria that read the distribution stop at 2 here, and their output is the check's logits
+    for auto in (AutoDepth(min_loops=2, exit_criterion="confidence", exit_threshold=0.0),
+                 AutoDepth(min_loops=2, exit_criterion="kl", exit_threshold=1e9)):
+        r = forced_decode(eng, windows, auto)
+        assert r["iterations"] == 2 * r["tokens"] and r["nll"] == pytest.approx(nll[2], rel=1e-5), auto
     assert nll[2] != pytest.approx(nll[4], rel=1e-3)  # the depths differ, so the comparison means something

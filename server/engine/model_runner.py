@@ -139,8 +139,8 @@ class ModelRunner:
 
     def _decode_adaptive(self, seqs: list[Sequence], ids, positions, depths: list[int]) -> torch.Tensor:
         """A decode step with `loops: "auto"` rows: core iteration t runs on the rows still iterating (any
-        subset, not a prefix), and an auto row stops after iteration t >= min_loops once its criterion
-        (AutoDepth) says its state has converged. The K/V of the iterations it skipped are filled with those
+        subset, not a prefix), and an auto row stops after t + 1 iterations (t + 1 >= min_loops) once its
+        criterion (AutoDepth) says its state has converged. The K/V of the iterations it skipped are filled with those
         of its last iteration, so later, deeper tokens can attend to it. Rows whose criterion reads the
         next-token distribution keep the logits of their last check: the exit iteration's are their output."""
         m, n = self.model, len(seqs)
@@ -153,7 +153,7 @@ class ModelRunner:
             if not active:
                 break
             state, before, after = self._iteration(state, active, ctx, t)
-            for r in self._converged(seqs, active, before, after, ctx, t, checked):
+            for r in self._converged(seqs, active, before, after, ctx=ctx, t=t, checked=checked):
                 exits[r] = t + 1
         self.kv.row_index = None
         for i, (seq, e) in enumerate(zip(seqs, exits)):
@@ -162,12 +162,12 @@ class ModelRunner:
                 seq.draft_states.append({name: v[i : i + 1].clone() for name, v in state.items()})
         self._fill_skipped(seqs, exits)
         rest = [r for r in range(n) if r not in checked]  # rows whose output is not a check's
+        if len(rest) == n:
+            return m.compute_logits(m._run(m.coda, self._read_out(state, exits, ctx), ctx, "coda")[:, -1])
         if rest:
-            h = self._read_out(state, exits, ctx)
-            if len(rest) == n:
-                return m.compute_logits(m._run(m.coda, h, ctx, "coda")[:, -1])
             idx = torch.tensor(rest, device=self.device)
-            checked.update(zip(rest, m.compute_logits(self._layers_rows("coda", h.index_select(0, idx), ctx, 0, idx)[:, -1])))
+            h = self._read_out({name: v.index_select(0, idx) for name, v in state.items()}, [exits[r] for r in rest], ctx)
+            checked.update(zip(rest, m.compute_logits(self._layers_rows("coda", h, ctx, 0, idx)[:, -1])))
             self.kv.row_index = None
         return torch.stack([checked[r] for r in range(n)])
 
@@ -186,7 +186,7 @@ class ModelRunner:
         new = m.recurrence.step(t, sub, self._layers_rows("core", sub["h"], ctx, t, idx))
         return {name: state[name].index_copy(0, idx, v) for name, v in new.items()}, sub, new
 
-    def _converged(self, seqs: list[Sequence], active: list[int], before: dict, after: dict, ctx, t: int,
+    def _converged(self, seqs: list[Sequence], active: list[int], before: dict, after: dict, *, ctx, t: int,
                    checked: dict) -> list[int]:
         """The auto rows of `active` that stop after iteration t. "change" rows compare h before and after;
         "confidence" and "kl" rows run the coda and the head at depth t + 1 (from one iteration before
@@ -200,11 +200,11 @@ class ModelRunner:
         probe = [(i, r, a) for i, r, a in autos if a.exit_criterion != "change" and t + 1 >= a.min_loops - (a.exit_criterion == "kl")]
         if not probe:
             return stop
-        logits = self._check_logits(after, [i for i, _, _ in probe], [r for _, r, _ in probe], ctx, t)  # (len(probe), V)
+        logits = self._check_logits(after, [i for i, _, _ in probe], [r for _, r, _ in probe], ctx=ctx, t=t)  # (len(probe), V)
         lp = logits.float().log_softmax(-1)
         if any(a.exit_criterion == "kl" for _, _, a in probe):
             prev = torch.stack([checked.get(r, logits[j]) for j, (_, r, _) in enumerate(probe)]).float().log_softmax(-1)
-            kl = (lp.exp() * (lp - prev)).sum(-1)  # KL(p_t || p_{t-1}); 0 where there is no previous check
+            kl = (lp.exp() * (lp - prev)).sum(-1).clamp(min=0)  # KL(p_t || p_{t-1}) (float32 rounding can dip below 0); 0 with no previous check
             is_kl = torch.tensor([a.exit_criterion == "kl" for _, _, a in probe], device=lp.device)
             score = torch.where(is_kl, kl, lp.amax(-1).exp())
         else:
@@ -216,7 +216,7 @@ class ModelRunner:
                 stop.append(r)
         return stop
 
-    def _check_logits(self, after: dict, pos: list[int], rows: list[int], ctx, t: int) -> torch.Tensor:
+    def _check_logits(self, after: dict, pos: list[int], rows: list[int], *, ctx, t: int) -> torch.Tensor:
         """Depth-(t + 1) logits of batch rows `rows` (at `pos` in the active rows' state `after`): the
         final read, the coda (its K/V written, so an exit here leaves the right coda K/V) and the head."""
         m = self.model
@@ -233,7 +233,7 @@ class ModelRunner:
         attends for those rows."""
         self.kv.row_index = idx
         cos, sin = ctx.cos.index_select(0, idx), ctx.sin.index_select(0, idx)
-        for j, layer in enumerate(self.model.core if stage == "core" else self.model.coda):
+        for j, layer in enumerate({"core": self.model.core, "coda": self.model.coda}[stage]):
             kw = {"cache_position": 0, "stage": stage, "index": j, "iteration": t, "rows": len(idx)}
             h = layer(h, cos, sin, None, self.kv, 0, kw)
         return h
