@@ -14,7 +14,7 @@ p.add_argument("--steps", type=int, default=1200); p.add_argument("--hops", defa
 p.add_argument("--loops", type=int, default=2); p.add_argument("--vlab", type=int, default=0)
 p.add_argument("--maxd", type=int, default=9); p.add_argument("--eval_every", type=int, default=200)
 p.add_argument("--tag", default=""); p.add_argument("--seed", type=int, default=0)
-p.add_argument("--time_limit", type=float, default=900); p.add_argument("--inter", type=int, default=0); p.add_argument("--abspos", type=int, default=0); p.add_argument("--eff", type=int, default=0); p.add_argument("--mask", type=int, default=0); p.add_argument("--optok", type=int, default=0); p.add_argument("--scheme", default="mesh"); p.add_argument("--glu", type=int, default=0); p.add_argument("--fixoff", default=""); p.add_argument("--seqres", type=int, default=0); p.add_argument("--ans", default=""); p.add_argument("--wd", type=float, default=0.0); p.add_argument("--zlit", type=float, default=0.0); p.add_argument("--copyfrac", type=float, default=0.0)
+p.add_argument("--time_limit", type=float, default=900); p.add_argument("--inter", type=int, default=0); p.add_argument("--abspos", type=int, default=0); p.add_argument("--eff", type=int, default=0); p.add_argument("--mask", type=int, default=0); p.add_argument("--optok", type=int, default=0); p.add_argument("--scheme", default="mesh"); p.add_argument("--glu", type=int, default=0); p.add_argument("--fixoff", default=""); p.add_argument("--seqres", type=int, default=0); p.add_argument("--ans", default=""); p.add_argument("--wd", type=float, default=0.0); p.add_argument("--zlit", type=float, default=0.0); p.add_argument("--copyfrac", type=float, default=0.0); p.add_argument("--init", default="")
 a = p.parse_args()
 torch.set_num_threads(1); torch.manual_seed(a.seed)
 if a.optok:  # '+D' / '-D' one token each
@@ -111,7 +111,8 @@ def batch(step):
 cfg = MeshConfig.from_layout(a.layout, **({} if a.layout.isdigit() else dict(scheme=a.scheme, max_loops=a.max_loops)), vocab_size=len(C.VOCAB), hidden_size=a.d,
     num_attention_heads=a.heads, rotary_pct=1.0, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1,
     **({"intermediate_size": a.inter} if a.inter else {}), **({"use_parallel_residual": False} if a.seqres else {}))
-model = MeshForCausalLM(cfg)
+model = MeshForCausalLM.from_pretrained(a.init) if a.init else MeshForCausalLM(cfg)  # --init: start from a trained model (e.g. model/chains)
+model.train()
 if a.glu:
     class GLU(torch.nn.Module):
         def __init__(self, d, f):
