@@ -126,6 +126,14 @@ def test_max_offset_caps_the_chain_digits():
     assert chains.make_problem(chains.rng_for("test", 0, 3), 4).text == chains.make_problem(chains.rng_for("test", 0, 3), 4, max_offset=9).text
 
 
+def test_zero_literals_keep_the_problem_and_zero_its_literals():
+    for i in range(20):
+        plain = chains.make_problem(chains.rng_for("train", 0, i), 4)
+        zero = chains.make_problem(chains.rng_for("train", 0, i), 4, zero_literals=True)
+        assert [a if len(a) == 5 else a[:2] + "0" for a in plain.assignments] == zero.assignments
+        assert solve(zero.text) == (zero.values, zero.hops)
+
+
 def test_character_tokenizer_matches_encode():
     tok = chains.char_tokenizer()
     line = "c=a+4;a=3;b=c-1;?b=6\n"

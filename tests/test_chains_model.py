@@ -178,13 +178,55 @@ def test_max_offset_keeps_every_row_and_stage_to_copy_chains(tmp_path):
     tc = SimpleNamespace(seed=0, batch_size=16)
     src = ChainsSource({"task": "chains", "max_offset": 0, "offset_stages": [0], "start_hops": 2, "ema": 0.0}, tc, tmp_path)
     x, _, _ = src.batch(0, 0, 16)
-    text = "".join(chains.TOKENS[t - len(chains.SPECIAL)] for t in x.flatten().tolist() if t >= len(chains.SPECIAL))
+    text = "".join(row_texts(x))
     ops = [text[i + 1] for i, c in enumerate(text[:-1]) if c in "+-"]
     assert ops and set(ops) == {"0"}
     src.observe(torch.tensor([16.0, 16.0]))  # level 2 learned
     assert (src.level, src.max_offset) == (3, 0)
     with pytest.raises(UsageError, match="data.max_offset must be a digit"):
         ChainsSource({"task": "chains", "max_offset": 10}, tc, tmp_path)
+
+
+def row_texts(x) -> list[str]:
+    return ["".join(chains.TOKENS[t - len(chains.SPECIAL)] for t in row if t >= len(chains.SPECIAL)) for row in x.tolist()]
+
+
+def test_zero_literal_and_copy_rows_mix_into_the_batch(tmp_path):
+    """data.zero_literal_rows / data.copy_rows: each row is a problem of one kind, and the curriculum
+    counts only the task's own rows; with both at 0 the batches are those of a run without them."""
+    from types import SimpleNamespace
+
+    from training.common import UsageError
+    from training.sources import ChainsSource
+
+    tc = SimpleNamespace(seed=0, batch_size=32)
+    src = ChainsSource({"task": "chains", "start_hops": 3, "zero_literal_rows": 0.25, "copy_rows": 0.25}, tc, tmp_path)
+    x, _, hops = src.batch(0, 0, 32)
+    kinds = []
+    for text, marked in zip(row_texts(x), (hops > 0).any(1).tolist()):
+        asg = text.split(";?")[0].split(";")
+        zero = all(a[2] == "0" for a in asg if len(a) == 3)
+        copy = all(a[4] == "0" for a in asg if len(a) == 5)
+        kinds.append("zero" if zero and not marked else "copy" if copy and not marked else "task" if marked else "?")
+    assert sorted(set(kinds)) == ["copy", "task", "zero"]
+    plain = ChainsSource({"task": "chains", "start_hops": 3}, tc, tmp_path).batch(0, 0, 32)[0]
+    same = ChainsSource({"task": "chains", "start_hops": 3, "zero_literal_rows": 0, "copy_rows": 0.0}, tc, tmp_path).batch(0, 0, 32)[0]
+    assert torch.equal(plain, same)
+    with pytest.raises(UsageError, match="sum of at most 1"):
+        ChainsSource({"task": "chains", "zero_literal_rows": 0.6, "copy_rows": 0.5}, tc, tmp_path)
+
+
+def test_init_from_starts_a_fresh_run_from_a_model(tmp_path, random_chains_model, capsys):
+    short = ["--set", "train.max_steps=1", "--set", "train.eval_interval=0"]
+    assert train.main(chains_args(tmp_path / "a") + short) == 0
+    tuned = ["--set", f"train.init_from={tmp_path / 'a' / 'latest'}", "--set", "train.lr=1e-12"]
+    assert train.main(chains_args(tmp_path / "b") + short + tuned) == 0
+    a = MeshForCausalLM.from_pretrained(tmp_path / "a" / "latest").state_dict()
+    b = MeshForCausalLM.from_pretrained(tmp_path / "b" / "latest").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    other = ["--set", f"train.init_from={random_chains_model[0]}"]
+    assert train.main(chains_args(tmp_path / "c") + short + other) == 2
+    assert "is a different architecture than [model]" in capsys.readouterr().err
 
 
 def test_evaluate_chains_max_offset_scores_copy_chains(random_chains_model, capsys):

@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_interval: int = 200  # steps between checkpoints (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # how many step-N checkpoints to keep
     seed: int = 1337
+    init_from: str = ""  # a model directory (HF format, e.g. model/chains) whose weights start a fresh run; a resume ignores it
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads per process; 0 = torch's default (one per core)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16

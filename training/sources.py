@@ -67,7 +67,7 @@ class WindowSource:
 
 CHAINS_KEYS = {
     "task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0,
-    "assignment_labels": False, "offset_stages": [9], "uncapped_every": 0, "max_offset": 9,
+    "assignment_labels": False, "offset_stages": [9], "uncapped_every": 0, "max_offset": 9, "zero_literal_rows": 0.0, "copy_rows": 0.0,
 }
 
 
@@ -89,6 +89,13 @@ class ChainsSource:
     routing). Rows with fewer hops have any D up to data.max_offset, which (default 9) caps D in every row and
     stage (0: copy chains only, the problem set on which the routing alone is learned). With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
     depths the curriculum has not reached yet are trained too (to keep the answer, at least).
+
+    data.zero_literal_rows and data.copy_rows are the fractions of rows (of any hop count) whose
+    problem has every literal 0 (the answer is the signed sum of its chain's offsets) or every D 0
+    (a copy chain): the two halves of a k-hop answer, each learnable alone, which together moved the
+    task's 2-hop problems off chance where nothing else did (docs/DEPTH.md section 4b). The
+    curriculum counts only the other rows, the task's own problems. With both at 0 no extra random
+    number is drawn, so runs from before these settings draw the same batches.
     """
 
     kind = "chains"
@@ -105,6 +112,9 @@ class ChainsSource:
             raise UsageError(f"data.offset_stages must be a non-empty increasing list of digits 0..9, got {stages!r}")
         if isinstance(c["max_offset"], bool) or not isinstance(c["max_offset"], int) or not 0 <= c["max_offset"] <= 9:
             raise UsageError(f"data.max_offset must be a digit 0..9, got {c['max_offset']!r}")
+        mix = (c["zero_literal_rows"], c["copy_rows"])
+        if any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in mix) or sum(mix) > 1:
+            raise UsageError(f"data.zero_literal_rows and data.copy_rows must be fractions with a sum of at most 1, got {mix[0]!r} and {mix[1]!r}")
         if c["queries"] < 1 or not 0 < c["advance_at"] <= 1 or not 0 <= c["ema"] < 1:
             raise UsageError("data.queries must be >= 1, data.advance_at in (0, 1], data.ema in [0, 1)")
         self.c, self.tc = c, tc
@@ -125,13 +135,27 @@ class ChainsSource:
             return self.level
         return int(rng.integers(1, self.level))
 
+    def _kind(self, rng) -> str:
+        """The row's problem kind: "task", "zero_literal" or "copy" (no draw when both fractions are 0)."""
+        zero, copy = self.c["zero_literal_rows"], self.c["copy_rows"]
+        if zero + copy == 0:
+            return "task"
+        u = rng.random()
+        return "zero_literal" if u < zero else "copy" if u < zero + copy else "task"
+
+    def _row(self, rng):
+        hops = self._hops(rng)
+        kind = self._kind(rng)
+        cap = 0 if kind == "copy" else self.max_offset if hops == self.level else self.c["max_offset"]
+        row = chains.training_row(rng, hops, self.c["queries"], self.c["replace"], self.c["assignment_labels"], cap, zero_literals=kind == "zero_literal")
+        return row, kind == "task"
+
     def batch(self, step: int, lo: int, hi: int):
-        rows = []
+        rows, task = [], []
         for i in range(lo, hi):
-            rng = chains.rng_for("train", self.tc.seed, step * self.tc.batch_size + i)
-            hops = self._hops(rng)
-            cap = self.max_offset if hops == self.level else self.c["max_offset"]
-            rows.append(chains.training_row(rng, hops, self.c["queries"], self.c["replace"], self.c["assignment_labels"], cap))
+            row, is_task = self._row(chains.rng_for("train", self.tc.seed, step * self.tc.batch_size + i))
+            rows.append(row)
+            task.append(is_task)
         T = max(len(ids) for ids, _, _ in rows)
         x = torch.full((len(rows), T), chains.PAD_ID)
         y = torch.full((len(rows), T), IGNORE)
@@ -140,7 +164,8 @@ class ChainsSource:
             x[r, : len(ids)] = torch.tensor(ids)
             y[r, : len(labels)] = torch.tensor(labels)
             first, first_hops = answers[0]
-            hops[r, first] = first_hops  # the first answer: it cannot copy an earlier one
+            if task[r]:  # the first answer (it cannot copy an earlier one) of the task's own problems
+                hops[r, first] = first_hops
         return x, y, hops
 
     def max_loops(self, max_loops: int, step: int = 0) -> int:

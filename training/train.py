@@ -349,6 +349,8 @@ def build_run(cfg: dict, out: Path, dd: Dist, device: torch.device) -> Run:
     config = MeshConfig.from_pretrained(str(ckpt)) if ckpt is not None else model_config(cfg, source.meta)
     check_depths(tc, config, dd)
     raw = MeshForCausalLM(config).to(device)
+    if ckpt is None and tc.init_from:  # before FSDP shards it
+        init_weights(raw, tc.init_from)
     raw.generation_config = generation_config(config)
     use_cuda = device.type == "cuda"
     amp = torch.bfloat16 if tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda) else None
@@ -366,6 +368,20 @@ def build_run(cfg: dict, out: Path, dd: Dist, device: torch.device) -> Run:
         truncate_metrics(run.metrics_path, run.step)
         write_json_atomic(out / "train_config.json", config_to_dict(cfg))
     return run
+
+
+def init_weights(raw, path: str) -> None:
+    """Fine-tuning: a fresh run starts from the weights of the model in ``path`` (same architecture)."""
+    from model import MeshForCausalLM
+
+    if not (Path(path) / "model.safetensors").is_file():
+        raise UsageError(f"train.init_from: no model.safetensors in {path}")
+    source = MeshForCausalLM.from_pretrained(path)
+    try:
+        raw.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise UsageError(f"train.init_from: {path} is a different architecture than [model] ({first})") from None
 
 
 def restore(run: Run, ckpt: Path) -> None:

@@ -56,9 +56,14 @@ def rng_for(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([SPLIT_SEEDS[split], seed, index, 0xC4A1])))
 
 
-def make_problem(rng: np.random.Generator, hops: int, distractors: tuple[int, int] = (2, 4), max_offset: int = 9) -> Problem:
+def make_problem(
+    rng: np.random.Generator, hops: int, distractors: tuple[int, int] = (2, 4), max_offset: int = 9, *, zero_literals: bool = False
+) -> Problem:
     """One problem whose target has exactly ``hops`` hops, with 2-4 distractor chains. ``max_offset``
-    below 9 caps the D of ``x=y+D`` / ``x=y-D`` (a training curriculum: 0 makes every chain a copy)."""
+    below 9 caps the D of ``x=y+D`` / ``x=y-D`` (a training curriculum: 0 makes every chain a copy).
+    ``zero_literals`` writes every literal as 0 (the same draws, so the rest of the problem is
+    unchanged): an answer is then the signed sum of its chain's offsets, the arithmetic without the
+    lookup of a start value (a training row kind, docs/DEPTH.md section 4b)."""
     if not 1 <= hops <= MAX_HOPS:
         raise ValueError(f"hops must be in [1, {MAX_HOPS}], got {hops}")
     n_dis = int(rng.integers(distractors[0], distractors[1] + 1))
@@ -74,6 +79,7 @@ def make_problem(rng: np.random.Generator, hops: int, distractors: tuple[int, in
         for depth in range(1, n + 1):
             var, digit = next(names), int(rng.integers(0, 10 if prev is None else max_offset + 1))
             if prev is None:
+                digit = 0 if zero_literals else digit
                 assignments.append(f"{var}={digit}")
                 values[var] = digit
             else:
@@ -143,7 +149,8 @@ def char_tokenizer():
 
 
 def training_row(
-    rng: np.random.Generator, hops: int, n_queries: int, replace: bool = False, assignment_labels: bool = False, max_offset: int = 9
+    rng: np.random.Generator, hops: int, n_queries: int, replace: bool = False, assignment_labels: bool = False, max_offset: int = 9,
+    *, zero_literals: bool = False,
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """(input ids, labels, [(position, hop count)] of each answer) of one training line.
 
@@ -154,8 +161,9 @@ def training_row(
     ``c=``). These are auxiliary targets, not text: they hand the model the "which assignment am I
     in" and "which variable does it read" features a lookup matches against (an induction head's
     previous-token step), which without them sat on a plateau for every run here (docs/DEPTH.md).
-    Evaluation reads only the last position of a prompt, which these labels never touch."""
-    problem = make_problem(rng, hops, max_offset=max_offset)
+    Evaluation reads only the last position of a prompt, which these labels never touch.
+    ``max_offset`` and ``zero_literals`` are `make_problem`'s."""
+    problem = make_problem(rng, hops, max_offset=max_offset, zero_literals=zero_literals)
     ids: list[int] = []
     aux: list[int] = []  # per input position: the label it gets with assignment_labels (IGNORE: none)
     for j, assignment in enumerate(problem.assignments):
