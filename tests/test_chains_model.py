@@ -216,6 +216,23 @@ def test_zero_literal_and_copy_rows_mix_into_the_batch(tmp_path):
         ChainsSource({"task": "chains", "zero_literal_rows": 0.6, "copy_rows": 0.5}, tc, tmp_path)
 
 
+@pytest.mark.parametrize("mix_hops", ["level", "all"])
+def test_mix_hops_draws_the_mixed_rows_hop_counts(tmp_path, mix_hops):
+    """At curriculum level 1 every task row has 1 hop; mixed rows too with "level", longer ones with "all"."""
+    from types import SimpleNamespace
+
+    from tests.test_chains import solve
+    from training.sources import ChainsSource
+
+    data = {"task": "chains", "copy_rows": 0.5, "mix_hops": mix_hops}
+    x, _, _ = ChainsSource(data, SimpleNamespace(seed=0, batch_size=32), tmp_path).batch(0, 0, 32)
+    first = []
+    for text in row_texts(x):
+        head, _, queries = text.partition(";?")
+        first.append(solve(head)[1][queries[0]])
+    assert (max(first) > 1) == (mix_hops == "all")
+
+
 def test_init_from_starts_a_fresh_run_from_a_model(tmp_path, random_chains_model, capsys):
     short = ["--set", "train.max_steps=1", "--set", "train.eval_interval=0"]
     assert train.main(chains_args(tmp_path / "a") + short) == 0

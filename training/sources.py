@@ -68,6 +68,7 @@ class WindowSource:
 CHAINS_KEYS = {
     "task": "chains", "queries": 8, "replace": True, "max_hops": 8, "start_hops": 1, "advance_at": 0.9, "ema": 0.9, "loops_per_hop": 0.0,
     "assignment_labels": False, "offset_stages": [9], "uncapped_every": 0, "max_offset": 9, "zero_literal_rows": 0.0, "copy_rows": 0.0,
+    "mix_hops": "level",
 }
 
 
@@ -94,8 +95,11 @@ class ChainsSource:
     problem has every literal 0 (the answer is the signed sum of its chain's offsets) or every D 0
     (a copy chain): the two halves of a k-hop answer, each learnable alone, which together moved the
     task's 2-hop problems off chance where nothing else did (docs/DEPTH.md section 4b). The
-    curriculum counts only the other rows, the task's own problems. With both at 0 no extra random
-    number is drawn, so runs from before these settings draw the same batches.
+    curriculum counts only the other rows, the task's own problems. Their hop count is drawn like a task
+    row's (data.mix_hops = "level") or uniformly from 1..data.max_hops ("all": copy chains of every
+    length keep the chain following, and zero-literal rows of 3 hops on add two offsets, which no row
+    below 3 hops asks for). With both fractions at 0 no extra random number is drawn, so runs from
+    before these settings draw the same batches.
     """
 
     kind = "chains"
@@ -115,6 +119,8 @@ class ChainsSource:
         mix = (c["zero_literal_rows"], c["copy_rows"])
         if any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in mix) or sum(mix) > 1:
             raise UsageError(f"data.zero_literal_rows and data.copy_rows must be fractions with a sum of at most 1, got {mix[0]!r} and {mix[1]!r}")
+        if c["mix_hops"] not in ("level", "all"):
+            raise UsageError(f"data.mix_hops must be 'level' or 'all', got {c['mix_hops']!r}")
         if c["queries"] < 1 or not 0 < c["advance_at"] <= 1 or not 0 <= c["ema"] < 1:
             raise UsageError("data.queries must be >= 1, data.advance_at in (0, 1], data.ema in [0, 1)")
         self.c, self.tc = c, tc
@@ -146,6 +152,8 @@ class ChainsSource:
     def _row(self, rng):
         hops = self._hops(rng)
         kind = self._kind(rng)
+        if kind != "task" and self.c["mix_hops"] == "all":
+            hops = int(rng.integers(1, self.c["max_hops"] + 1))
         cap = 0 if kind == "copy" else self.max_offset if hops == self.level else self.c["max_offset"]
         row = chains.training_row(rng, hops, self.c["queries"], self.c["replace"], self.c["assignment_labels"], cap, zero_literals=kind == "zero_literal")
         return row, kind == "task"
