@@ -91,12 +91,11 @@ class ChainsSource:
     stage (0: copy chains only, the problem set on which the routing alone is learned). With data.uncapped_every = N every N-th step ignores the depth cap, so the deeper
     depths the curriculum has not reached yet are trained too (to keep the answer, at least).
 
-    data.zero_literal_rows and data.copy_rows are the fractions of rows (of any hop count) whose
-    problem has every literal 0 (the answer is the signed sum of its chain's offsets) or every D 0
-    (a copy chain): the two halves of a k-hop answer, each learnable alone, which together moved the
-    task's 2-hop problems off chance where nothing else did (docs/DEPTH.md section 4b). The
-    curriculum counts only the other rows, the task's own problems. Their hop count is drawn like a task
-    row's (data.mix_hops = "level") or uniformly from 1..data.max_hops ("all": copy chains of every
+    data.zero_literal_rows and data.copy_rows are the fractions of rows whose problem has every
+    literal 0 (the answer is the signed sum of its chain's offsets) or every D 0 (a copy chain): the
+    two halves of a k-hop answer, each learnable alone, which together moved the task's 2-hop
+    problems off chance where nothing else did (docs/DEPTH.md section 4b). The curriculum counts only
+    the other rows, the task's own problems. A mixed row's hop count is drawn like a task row's (data.mix_hops = "level") or uniformly from 1..data.max_hops ("all": copy chains of every
     length keep the chain following, and zero-literal rows of 3 hops on add two offsets, which no row
     below 3 hops asks for). With both fractions at 0 no extra random number is drawn, so runs from
     before these settings draw the same batches.
